@@ -1,0 +1,1 @@
+"""Hypervisor backends behind one interface (:mod:`.base`): QEMU and Xen."""

@@ -1,0 +1,85 @@
+"""The interface every hypervisor backend implements.
+
+The engine knows guests only through :class:`Guest` and :class:`Backend`;
+backends know nothing of sessions, scheduling or D-Bus. Every blocking call
+runs under a watchdog and raises an :mod:`xsession.errors` error on failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..manifest import Flavour, Manifest
+
+__all__ = ["Progress", "ExitCallback", "Guest", "Backend", "HostMemory"]
+
+#: called with (bytes done, bytes total) while a statefile is fed
+Progress = Callable[[int, int], None]
+#: called once, from any thread, when a guest ends without being asked to: the reason
+ExitCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """The host's memory as the hypervisor accounts it, in MiB."""
+
+    total_mib: int
+    free_mib: int
+
+
+class Guest(Protocol):
+    """A running (or paused) VM of one flavour."""
+
+    name: str
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def console(self) -> dict[str, str]:
+        """How to reach the guest: ``vnc`` (``unix:PATH`` or ``HOST:PORT``), ``serial`` (socket path)."""
+        ...
+
+    def is_alive(self) -> bool: ...
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        """Call ``callback(reason)`` when the guest dies, resets or shuts down by itself."""
+        ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the guest; idempotent. Does not call the exit callback."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress) -> Guest:
+        """Bring the flavour's statefile back to a running guest.
+
+        :raises StatefileCorrupt: the statefile failed a size, sha256 or decompression check.
+        :raises MediumUnavailable: the statefile or disk cannot be read.
+        :raises HypervisorError: the hypervisor refused or died; includes its own words.
+        """
+        ...
+
+    def cold_boot(self, flavour: Flavour, manifest: Manifest, rundir: Path) -> Guest:
+        """Boot the flavour from its kernel and initrd; returns once it printed its ready line."""
+        ...
+
+    def adopt(self, name: str, rundir: Path) -> Guest | None:
+        """Reattach to a guest that a previous manager left running in ``rundir``."""
+        ...
+
+    def host_memory(self) -> HostMemory: ...
+
+    def overhead_mib(self, flavour: Flavour) -> int:
+        """Memory the hypervisor needs per guest beyond the guest's own RAM."""
+        ...
