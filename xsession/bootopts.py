@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import enum
 import re
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-__all__ = ["RestorePolicy", "BootOptions", "parse_cmdline", "parse_size_mib", "check_flavours", "PREFIX"]
+__all__ = ["RestorePolicy", "BootOptions", "parse_cmdline", "parse_size_mib", "check_flavours", "split_cmdline", "PREFIX"]
 
 PREFIX = "xenubuntu."
 DEFAULT_MEDIA = ("/cdrom", "/run/live/medium")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_SIZE_RE = re.compile(r"^(\d{1,9})([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^([0-9]{1,9})([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SPACE = " \t\n\r\v\f"  # the kernel's isspace()
 _UNIT_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "": 1 / (1024 * 1024)}
 
 
@@ -51,7 +51,7 @@ class BootOptions:
 def parse_size_mib(text: str) -> int | None:
     """``512M``, ``1G``, ``2048`` (bytes without a unit are too small to mean
     anything here, so a bare number is read as MiB) -> MiB, or None if malformed."""
-    m = _SIZE_RE.match(text.strip())
+    m = _SIZE_RE.fullmatch(text.strip())
     if not m:
         return None
     number, unit = int(m.group(1)), m.group(2).upper()
@@ -61,22 +61,45 @@ def parse_size_mib(text: str) -> int | None:
     return int(mib) if mib >= 1 else None
 
 
-def _split(cmdline: str) -> list[str]:
-    try:
-        return shlex.split(cmdline)
-    except ValueError:
-        return cmdline.split()  # an unbalanced quote: fall back to plain words
+def split_cmdline(cmdline: str) -> list[str]:
+    """The words of a kernel command line, split as the kernel splits them.
+
+    Words are separated by whitespace outside double quotes and the double quotes
+    are dropped (``xenubuntu.medium="/media/my disk"`` is one word). Single quotes
+    and backslashes mean nothing to the kernel, so they mean nothing here. The boot
+    scripts in ``units/`` and ``casper-scripts/`` follow the same rule, so every
+    component reads the same options out of the same line.
+    """
+    words: list[str] = []
+    word: list[str] = []
+    in_quote = started = False
+    for ch in cmdline:
+        if ch == '"':
+            in_quote = not in_quote
+            started = True
+        elif ch in _SPACE and not in_quote:
+            if started:
+                words.append("".join(word))
+            word, started = [], False
+        else:
+            word.append(ch)
+            started = True
+    if started:
+        words.append("".join(word))
+    return words
 
 
 def parse_cmdline(cmdline: str) -> BootOptions:
     """Read the ``xenubuntu.*`` options out of a kernel command line.
 
-    Later occurrences win, as the kernel's own parameters do.
+    Later occurrences win, as the kernel's own parameters do: the last
+    ``xenubuntu.restore`` decides, even when its value is malformed (then the
+    default applies and a warning says why).
     """
     opts = BootOptions()
     warnings: list[str] = []
     values: dict[str, str | None] = {}
-    for word in _split(cmdline):
+    for word in split_cmdline(cmdline):
         if not word.startswith(PREFIX):
             continue
         key, eq, value = word[len(PREFIX):].partition("=")
@@ -88,7 +111,7 @@ def parse_cmdline(cmdline: str) -> BootOptions:
             warnings.append(f"boot option {shown} has no value; ignored")
             continue
         if key == "flavour":
-            if _NAME_RE.match(value):
+            if _NAME_RE.fullmatch(value):
                 opts = replace(opts, flavour=value)
             else:
                 warnings.append(f"boot option {shown}: not a flavour name; using the medium's default")
@@ -105,12 +128,12 @@ def parse_cmdline(cmdline: str) -> BootOptions:
                 opts = replace(opts, reserve_mib=mib)
         elif key == "sessions":
             names = [n for n in value.split(",") if n]
-            good = tuple(dict.fromkeys(n for n in names if _NAME_RE.match(n)))
-            bad = [n for n in names if not _NAME_RE.match(n)]
-            if bad:
-                warnings.append(f"boot option {shown}: ignoring malformed name(s) {', '.join(bad)}")
+            good = tuple(dict.fromkeys(n for n in names if _NAME_RE.fullmatch(n)))
+            bad = [n for n in names if not _NAME_RE.fullmatch(n)]
             if good:
                 opts = replace(opts, sessions=good)
+                if bad:
+                    warnings.append(f"boot option {shown}: ignoring malformed name(s) {', '.join(bad)}")
             else:
                 warnings.append(f"boot option {shown}: no usable flavour name; using all flavours")
         elif key == "medium":
