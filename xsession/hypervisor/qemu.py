@@ -1,0 +1,570 @@
+"""The QEMU backend: restore, cold boot, save, adopt; QMP through :mod:`qemu.qmp`.
+
+Facts that shape it (QEMU 7.2):
+
+* A stream loads only into the identical guest-visible machine, so every
+  command line comes from :func:`qemu_argv` and the manifest's
+  :class:`~xsession.manifest.MachineConfig`; display and chardev options are
+  host-side and may differ (VNC is added at restore).
+* The stream has no integrity check, so the manager feeds it itself
+  (:class:`~xsession.statefile.Feeder`) through ``-incoming fd:N`` and resumes
+  the guest only after the feed was verified.
+* A guest that reboots is a failure after a restore (damaged CPU state resets
+  silently), so QEMU runs with ``-no-reboot`` and SHUTDOWN/RESET events are watched.
+* ``max-bandwidth`` defaults to 32 MiB/s even for a stopped guest: raised before saving.
+
+Per session, ``rundir`` holds: ``qmp.sock``, ``serial.sock`` (the guest's
+serial console; everything it prints is also in ``console.log``),
+``vnc.sock``, ``disk.qcow2`` (the session's overlay), ``qemu.log`` (QEMU's
+own output) and ``guest.json`` (what a restarted manager needs to adopt it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
+from ..manifest import Flavour, MachineConfig, Manifest
+from ..statefile import Feeder, precheck, sha256_of
+from .base import ExitCallback, HostMemory, Progress
+from .qmp import QMP
+
+__all__ = ["QemuBackend", "QemuGuest", "qemu_argv", "SaveResult", "probe_kvm", "QEMU_BINARY"]
+
+QEMU_BINARY = "qemu-system-x86_64"
+#: TCG's translation cache; host-side only (not in the stream), capped because the
+#: 1 GiB default would count against the memory plan of a small machine.
+TCG_TB_MIB = 64
+#: QEMU's own memory per guest beyond guest RAM, measured (RSS minus touched guest RAM)
+#: on a 256 MiB guest: ~40 MiB of QEMU itself plus the TCG cache under TCG.
+QEMU_OVERHEAD_MIB = 48
+#: a restore reads the statefile at medium speed: allow 2 MB/s (a slow DVD) plus start-up
+RESTORE_BASE_TIMEOUT_S = 30.0
+RESTORE_BYTES_PER_S = 2_000_000
+SAVE_TIMEOUT_S = 120.0
+
+
+def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
+              disk: Path | None, *, incoming: str | None = None, vnc: bool = True,
+              accel: str | None = None) -> list[str]:
+    """The one place a QEMU command line is built, for saving, restoring and cold booting alike.
+
+    Guest-visible parts come only from ``machine`` and the flavour's boot files; the
+    rest (monitor, serial backend, VNC, pid file) is host-side and may vary.
+    """
+    accel = accel or machine.accel
+    accel_opt = f"tcg,tb-size={TCG_TB_MIB}" if accel == "tcg" else accel
+    cb = flavour.cold_boot
+    argv = [
+        QEMU_BINARY,
+        "-name", f"guest={name},process=xsession-{name}",
+        "-machine", machine.machine_type,
+        "-accel", accel_opt,
+        "-cpu", machine.cpu,
+        "-m", str(machine.memory_mib),
+        "-smp", str(machine.vcpus),
+        "-nodefaults", "-no-user-config", "-no-reboot",
+        "-vga", machine.vga,
+        "-kernel", str(manifest.resolve(cb.kernel)),
+        "-initrd", str(manifest.resolve(cb.initrd)),
+        "-append", cb.cmdline,
+        "-chardev", f"socket,id=serial0,path={_q(rundir / 'serial.sock')},server=on,wait=off,"
+                    f"logfile={_q(rundir / 'console.log')}",
+        "-serial", "chardev:serial0",
+        "-chardev", f"socket,id=qmp,path={_q(rundir / 'qmp.sock')},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-pidfile", str(rundir / "qemu.pid"),
+        "-display", "none",
+    ]
+    if disk is not None and machine.disk_bus != "none":
+        argv += ["-drive", f"file={_q(disk)},if=none,id=disk0,format=qcow2,cache=writeback"]
+        argv += ["-device", "virtio-blk-pci,drive=disk0" if machine.disk_bus == "virtio" else "ide-hd,drive=disk0"]
+    if vnc:
+        argv += ["-vnc", f"unix:{_q(rundir / 'vnc.sock')}"]
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv
+
+
+def _q(path: Path | str) -> str:
+    """QEMU option values double their commas."""
+    return str(path).replace(",", ",,")
+
+
+_SHUTDOWN_REASONS = {
+    "guest-reset": "the guest reset itself (a restore that reboots is a damaged state); QEMU ended it",
+    "guest-shutdown": "the guest powered itself off",
+    "guest-panic": "the guest kernel panicked",
+    "host-signal": "QEMU was killed by a signal",
+    "host-qmp-quit": "QEMU was told to quit by someone else",
+    "host-error": "QEMU hit an error",
+}
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: Path
+    size: int
+    sha256: str
+    raw_size: int
+
+
+class QemuGuest:
+    """A QEMU process of one session: QMP, exit watching, pause/resume/stop.
+
+    Not created directly: :class:`QemuBackend` launches or adopts them.
+    """
+
+    def __init__(self, name: str, rundir: Path, proc: subprocess.Popen[bytes] | None, pid: int):
+        self.name = name
+        self.rundir = rundir
+        self._proc = proc  # our child: reaped by the watcher; None when adopted
+        self._pid = pid
+        self._exit_callbacks: list[ExitCallback] = []
+        self._stopping = False
+        self._exited = threading.Event()
+        self._exit_reason: str | None = None
+        self._event_reason: str | None = None
+        self.qmp = QMP(name, rundir / "qmp.sock", self._on_event)
+        self._watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
+        self._watcher.start()
+
+    # -- facts -------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def console(self) -> dict[str, str]:
+        return {
+            "vnc": f"unix:{self.rundir / 'vnc.sock'}",
+            "serial": str(self.rundir / "serial.sock"),
+            "log": str(self.rundir / "console.log"),
+        }
+
+    def is_alive(self) -> bool:
+        return not self._exited.is_set()
+
+    @property
+    def exit_reason(self) -> str | None:
+        return self._exit_reason
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        self._exit_callbacks.append(callback)
+        if self._exited.is_set() and not self._stopping:
+            callback(self._exit_reason or "QEMU exited")
+
+    # -- watching ------------------------------------------------------------
+    def _on_event(self, event: str, data: dict[str, Any]) -> None:
+        if event == "SHUTDOWN":
+            reason = str(data.get("reason", ""))
+            self._event_reason = _SHUTDOWN_REASONS.get(reason, f"the guest shut down ({reason})")
+        elif event == "RESET" and data.get("guest", True):
+            self._event_reason = _SHUTDOWN_REASONS["guest-reset"]
+        elif event == "GUEST_PANICKED":
+            self._event_reason = _SHUTDOWN_REASONS["guest-panic"]
+
+    def _watch(self) -> None:
+        status: int | None
+        if self._proc is not None:
+            status = self._proc.wait()
+        else:
+            status = _wait_foreign(self._pid)
+        reason = self._event_reason
+        if reason is None:
+            if status is None:
+                reason = "QEMU exited"
+            elif status < 0:
+                reason = f"QEMU was killed by signal {-status}"
+            else:
+                reason = f"QEMU exited with status {status}"
+            tail = self.log_tail()
+            if tail:
+                reason += f": {tail}"
+        self._exit_reason = reason
+        self._exited.set()
+        if not self._stopping:
+            for cb in list(self._exit_callbacks):
+                try:
+                    cb(reason)
+                except Exception:
+                    pass
+
+    def log_tail(self, lines: int = 1) -> str:
+        try:
+            text = (self.rundir / "qemu.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def wait_exit(self, timeout: float) -> bool:
+        return self._exited.wait(timeout)
+
+    # -- control -------------------------------------------------------------
+    def connect(self, timeout: float) -> None:
+        self.qmp.connect(timeout, alive=self.is_alive)
+
+    def status(self, timeout: float = 5.0) -> str:
+        return str(self.qmp.execute("query-status", timeout=timeout)["status"])
+
+    def pause(self) -> None:
+        self.qmp.execute("stop")
+
+    def resume(self) -> None:
+        self.qmp.execute("cont")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Quit QEMU (kill it if it does not go in time); idempotent."""
+        self._stopping = True
+        if self.is_alive():
+            try:
+                self.qmp.execute("quit", timeout=min(timeout, 3.0))
+            except HypervisorError:
+                pass  # dead or hung monitor: killed below
+            if not self._exited.wait(timeout):
+                try:
+                    os.kill(self._pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self._exited.wait(5.0)
+        self.qmp.close()
+
+    def detach(self) -> None:
+        """Forget the guest without stopping it (the manager exits, the guest stays)."""
+        self._stopping = True
+        self.qmp.close()
+
+    def write_record(self, argv: list[str], mode: str) -> None:
+        """What a restarted manager needs to adopt this guest."""
+        record = {"name": self.name, "pid": self._pid, "mode": mode, "argv": argv, "started": time.time()}
+        tmp = self.rundir / "guest.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.rundir / "guest.json")
+
+
+def _wait_foreign(pid: int) -> int | None:
+    """Wait for a process that is not our child (an adopted guest)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
+    return None
+
+
+def probe_kvm(flavour: Flavour, manifest: Manifest, workdir: Path, timeout: float = 15.0) -> bool:
+    """Whether KVM can really boot a standard kernel here.
+
+    ``/dev/kvm`` can belong to a nested-virtualization module that opens fine but
+    never gets a standard kernel past its decompressor, so only a boot counts.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = qemu_argv("kvm-probe", flavour.machine, manifest, flavour, workdir, None, vnc=False, accel="kvm")
+    with open(workdir / "qemu.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        return _wait_for_line(workdir / "console.log", flavour.cold_boot.ready_line, timeout, lambda: proc.poll() is None)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_for_line(path: Path, needle: str, timeout: float, alive) -> bool:
+    deadline = time.monotonic() + timeout
+    pos = 0
+    buf = b""
+    want = needle.encode()
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            pos += len(chunk)
+            buf = (buf + chunk)[-65536:]
+            if want in buf:
+                return True
+        elif not alive():
+            return False
+        time.sleep(0.05)
+    return False
+
+
+class QemuBackend:
+    """QEMU (TCG, or KVM where the manifest says so and it works)."""
+
+    name = "qemu"
+
+    def __init__(self, binary: str = QEMU_BINARY):
+        self.binary = binary
+
+    # -- memory ----------------------------------------------------------------
+    def host_memory(self) -> HostMemory:
+        info = _meminfo()
+        return HostMemory(total_mib=info.get("MemTotal", 0) // 1024, free_mib=info.get("MemAvailable", 0) // 1024)
+
+    def overhead_mib(self, flavour: Flavour) -> int:
+        extra = TCG_TB_MIB if flavour.machine.accel == "tcg" else 0
+        return QEMU_OVERHEAD_MIB + extra
+
+    # -- launching ---------------------------------------------------------------
+    def _prepare(self, flavour: Flavour, manifest: Manifest, rundir: Path) -> Path | None:
+        """A clean run folder and a fresh session overlay over the medium's disk."""
+        rundir.mkdir(parents=True, exist_ok=True)
+        for stale in ("qmp.sock", "serial.sock", "vnc.sock", "console.log", "qemu.pid", "guest.json", "disk.qcow2"):
+            (rundir / stale).unlink(missing_ok=True)
+        if flavour.disk is None or flavour.machine.disk_bus == "none":
+            return None
+        backing = manifest.resolve(flavour.disk.saved_overlay or flavour.disk.base)
+        if not backing.is_file():
+            raise MediumUnavailable(str(backing), "the flavour's disk is missing from the medium")
+        overlay = rundir / "disk.qcow2"
+        _run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing.resolve()),
+                   str(overlay)], "create the session's disk overlay")
+        return overlay
+
+    def _launch(self, flavour: Flavour, manifest: Manifest, rundir: Path, disk: Path | None, *,
+                incoming_fd: int | None = None, vnc: bool = True, accel: str | None = None,
+                mode: str) -> QemuGuest:
+        argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, disk,
+                         incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel)
+        argv[0] = self.binary
+        with open(rundir / "qemu.log", "wb") as log:
+            try:
+                # own session: guests outlive a manager that stops or crashes
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        pass_fds=() if incoming_fd is None else (incoming_fd,),
+                                        start_new_session=True)
+            except OSError as e:
+                raise HypervisorError(f"start {self.binary}", e.strerror or str(e)) from e
+        guest = QemuGuest(flavour.name, rundir, proc, proc.pid)
+        guest.write_record(argv, mode)
+        return guest
+
+    # -- restore -----------------------------------------------------------------
+    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress) -> QemuGuest:
+        """Restore the flavour's statefile; the guest runs when this returns.
+
+        :raises StatefileCorrupt: size, zstd or sha256 check failed (before or during the feed).
+        :raises MediumUnavailable: the statefile or disk could not be read.
+        :raises HypervisorError: QEMU refused the stream or died; its own words included.
+        """
+        sf = flavour.statefile
+        if sf is None:
+            raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
+        path = manifest.resolve(sf.path)
+        precheck(path, sf, manifest.root)
+        disk = self._prepare(flavour, manifest, rundir)
+        deadline = time.monotonic() + RESTORE_BASE_TIMEOUT_S + sf.size / RESTORE_BYTES_PER_S
+        read_fd, write_fd = os.pipe()
+        try:
+            guest = self._launch(flavour, manifest, rundir, disk, incoming_fd=read_fd, mode="restore")
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)  # QEMU has its own copy
+        feeder = Feeder(path, sf, write_fd, progress)  # closes write_fd
+        feeder.start()
+        try:
+            guest.connect(max(1.0, deadline - time.monotonic()))
+            loaded = self._wait_loaded(guest, deadline)
+            result = feeder.result(max(1.0, deadline - time.monotonic()))
+            if result.medium_error is not None:
+                raise MediumUnavailable(str(path), f"reading the statefile failed: {result.medium_error}")
+            if result.problem is not None:
+                raise StatefileCorrupt(str(path), result.problem)
+            if not loaded:
+                raise HypervisorError(f"restore {flavour.name}", guest.exit_reason or "QEMU did not load the stream")
+            guest.resume()
+            return guest
+        except TimeoutError as e:
+            feeder.cancel()
+            guest.stop()
+            raise HypervisorError(f"restore {flavour.name}", f"watchdog: {e}") from None
+        except BaseException:
+            feeder.cancel()
+            guest.stop()
+            raise
+
+    @staticmethod
+    def _wait_loaded(guest: QemuGuest, deadline: float) -> bool:
+        """Poll until the incoming stream is loaded (the guest waits, paused); False if QEMU died.
+
+        :raises TimeoutError: the watchdog's deadline passed.
+        """
+        while time.monotonic() < deadline:
+            if not guest.is_alive():
+                return False
+            try:
+                status = guest.status(timeout=max(0.5, deadline - time.monotonic()))
+            except HypervisorError:
+                if not guest.wait_exit(0.5):
+                    raise
+                return False
+            if status in ("paused", "postmigrate", "prelaunch"):
+                return True
+            if status == "running":  # a stream saved while running: pause to check it first
+                guest.pause()
+                return True
+            if status not in ("inmigrate", "restore-vm"):
+                raise HypervisorError(f"restore {guest.name}", f"unexpected state {status!r} while loading")
+            time.sleep(0.005)
+        raise TimeoutError(f"the stream was not loaded before the deadline")
+
+    # -- cold boot -----------------------------------------------------------------
+    def cold_boot(self, flavour: Flavour, manifest: Manifest, rundir: Path, accel: str | None = None) -> QemuGuest:
+        """Boot the flavour from its kernel and initrd; returns once it printed its ready line.
+
+        :raises MediumUnavailable: the kernel, initrd or disk is missing.
+        :raises HypervisorError: QEMU died or the guest was not ready in time.
+        """
+        cb = flavour.cold_boot
+        for rel in (cb.kernel, cb.initrd):
+            if not manifest.resolve(rel).is_file():
+                raise MediumUnavailable(str(manifest.resolve(rel)), "needed for a cold boot but missing")
+        disk = self._prepare(flavour, manifest, rundir)
+        guest = self._launch(flavour, manifest, rundir, disk, accel=accel, mode="boot")
+        try:
+            guest.connect(10.0)
+            if not _wait_for_line(rundir / "console.log", cb.ready_line, cb.timeout_s, guest.is_alive):
+                why = guest.exit_reason if not guest.is_alive() else f"not ready within {cb.timeout_s:.0f} s"
+                raise HypervisorError(f"cold boot {flavour.name}", why or "QEMU exited")
+            return guest
+        except BaseException:
+            guest.stop()
+            raise
+
+    # -- adoption --------------------------------------------------------------------
+    def adopt(self, name: str, rundir: Path) -> QemuGuest | None:
+        """Reattach to a QEMU a previous manager started in ``rundir``; None if it is gone."""
+        try:
+            record = json.loads((rundir / "guest.json").read_text())
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if str(rundir / "qmp.sock").encode() not in b"\0".join(cmdline):
+            return None  # the pid was reused by another process
+        guest = QemuGuest(name, rundir, None, pid)
+        try:
+            guest.connect(5.0)
+        except HypervisorError:
+            guest.detach()
+            return None
+        return guest
+
+    # -- saving (mastering) ------------------------------------------------------------
+    def boot_for_save(self, flavour: Flavour, manifest: Manifest, rundir: Path, disk: Path) -> QemuGuest:
+        """Cold boot with the given disk (the overlay that will travel with the statefile)."""
+        rundir.mkdir(parents=True, exist_ok=True)
+        for stale in ("qmp.sock", "serial.sock", "console.log"):
+            (rundir / stale).unlink(missing_ok=True)
+        guest = self._launch(flavour, manifest, rundir, disk, vnc=False, mode="master")
+        try:
+            guest.connect(10.0)
+            if not _wait_for_line(rundir / "console.log", flavour.cold_boot.ready_line,
+                                  flavour.cold_boot.timeout_s, guest.is_alive):
+                raise HypervisorError(f"boot {flavour.name} for mastering", guest.exit_reason or "not ready in time")
+            return guest
+        except BaseException:
+            guest.stop()
+            raise
+
+    def save(self, guest: QemuGuest, dest: Path, compress: bool = True, level: int = 3) -> SaveResult:
+        """Stop the guest and write its state to ``dest`` (zstd with frame checksums), then quit it.
+
+        :raises HypervisorError: the migration failed or timed out.
+        """
+        guest.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        guest.qmp.execute("stop")
+        part = dest.with_name(dest.name + ".part")
+        read_fd, write_fd = os.pipe()
+        out = open(part, "wb")
+        zstd = None
+        try:
+            if compress:
+                zstd = subprocess.Popen(["zstd", "-q", f"-{level}", "-T0", "--check", "-c"],
+                                        stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE)
+            raw = {"n": 0}
+
+            def relay() -> None:  # counts the raw stream on its way to zstd
+                sink = zstd.stdin if zstd is not None else out
+                with os.fdopen(read_fd, "rb", buffering=0) as src:
+                    while block := src.read(1 << 20):
+                        raw["n"] += len(block)
+                        sink.write(block)
+                if zstd is not None:
+                    zstd.stdin.close()
+
+            t = threading.Thread(target=relay, name=f"save-{guest.name}", daemon=True)
+            t.start()
+            guest.qmp.send_fd(write_fd, "statefile")
+            os.close(write_fd)
+            write_fd = -1
+            guest.qmp.execute("migrate", {"uri": "fd:statefile"})
+            deadline = time.monotonic() + SAVE_TIMEOUT_S
+            while True:
+                info = guest.qmp.execute("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise HypervisorError(f"save {guest.name}", f"migration {status}: {info.get('error-desc', '')}")
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"save {guest.name}", f"migration not done within {SAVE_TIMEOUT_S:.0f} s")
+                time.sleep(0.01)
+            guest.stop()  # QEMU closes the stream when it quits at the latest
+            t.join(60)
+            if zstd is not None:
+                _, err = zstd.communicate(timeout=60)
+                if zstd.returncode != 0:
+                    raise HypervisorError("zstd", f"status {zstd.returncode}", err.decode(errors="replace"))
+            out.flush()
+            os.fsync(out.fileno())
+        finally:
+            if write_fd >= 0:
+                os.close(write_fd)
+            out.close()
+        part.replace(dest)
+        return SaveResult(path=dest, size=dest.stat().st_size, sha256=sha256_of(dest), raw_size=raw["n"])
+
+
+def _meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0])
+    return out
+
+
+def _run_tool(argv: list[str], what: str, timeout: float = 30.0) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, timeout=timeout, text=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HypervisorError(what, str(e)) from e
+    if p.returncode != 0:
+        raise HypervisorError(what, f"{argv[0]} exited with status {p.returncode}", p.stderr)
+    return p.stdout

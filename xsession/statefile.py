@@ -1,0 +1,189 @@
+"""Checking and feeding a statefile to a hypervisor.
+
+QEMU's migration stream (and an xl save image) carries no integrity check: a
+flipped RAM byte loads silently, a damaged CPU state reboots the guest, a
+corrupt zstd stream is loaded anyway. So the manager never lets the hypervisor
+read the medium itself. It checks what it can before starting (presence, size,
+compression magic), then reads the file once, hashing it (sha256) and piping it
+through ``zstd -dc`` (whose frame checksums it verifies) into a file descriptor
+the hypervisor reads. The guest is resumed only after the feed reports the
+sha256 and the decompressor's verdict as good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MediumUnavailable, StatefileCorrupt
+from .manifest import Statefile
+
+__all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of"]
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+CHUNK = 1 << 20  # 1 MiB: few system calls, progress still fine-grained for a DVD
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def precheck(path: Path, sf: Statefile, medium_root: Path | None = None) -> None:
+    """The checks that cost nothing: the file is there, has its recorded size and
+    starts like its compression says.
+
+    :raises MediumUnavailable: the medium itself is gone.
+    :raises StatefileCorrupt: the file is missing, empty, truncated, too long or not zstd.
+    """
+    if medium_root is not None and not medium_root.is_dir():
+        raise MediumUnavailable(str(medium_root), "the medium is not mounted")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise StatefileCorrupt(str(path), "missing from the medium") from None
+    except OSError as e:
+        raise MediumUnavailable(str(path), e.strerror or str(e)) from e
+    if st.st_size == 0:
+        raise StatefileCorrupt(str(path), "empty (0 bytes)")
+    if st.st_size < sf.size:
+        raise StatefileCorrupt(str(path), f"truncated: {st.st_size} of {sf.size} bytes")
+    if st.st_size > sf.size:
+        raise StatefileCorrupt(str(path), f"longer than recorded: {st.st_size} bytes, expected {sf.size}")
+    if sf.compression == "zstd":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise MediumUnavailable(str(path), e.strerror or str(e)) from e
+        if head != ZSTD_MAGIC:
+            raise StatefileCorrupt(str(path), "does not start with a zstd frame header")
+
+
+@dataclass(frozen=True)
+class FeedResult:
+    """What the feed saw: ``problem`` is None when the stream was whole and true."""
+
+    bytes_read: int
+    sha256: str
+    problem: str | None
+    medium_error: str | None = None
+
+
+class Feeder(threading.Thread):
+    """Reads a statefile once, hashing it and writing the decompressed stream to ``out_fd``.
+
+    ``out_fd`` is closed by the feeder when it is done (that EOF ends the
+    hypervisor's read). Call :meth:`result` after the hypervisor has loaded the
+    stream; :meth:`cancel` stops a feed whose reader died.
+    """
+
+    def __init__(self, path: Path, sf: Statefile, out_fd: int, progress=None):
+        super().__init__(name=f"feed-{path.name}", daemon=True)
+        self.path = path
+        self.sf = sf
+        self.out_fd = out_fd  # closed in run(), always
+        self.progress = progress
+        self._cancel = threading.Event()
+        self._result: FeedResult | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def result(self, timeout: float) -> FeedResult:
+        """:raises TimeoutError: the feed did not end in time."""
+        self.join(timeout)
+        if self.is_alive() or self._result is None:
+            self.cancel()
+            raise TimeoutError(f"feeding {self.path} did not finish within {timeout:.0f} s")
+        return self._result
+
+    def run(self) -> None:
+        h = hashlib.sha256()
+        done = 0
+        problem: str | None = None
+        medium_error: str | None = None
+        sink = None
+        try:
+            if self.sf.compression == "zstd":
+                # zstd verifies each frame's content checksum and exits non-zero on damage
+                self._proc = subprocess.Popen(["zstd", "-dcq", "--no-progress"], stdin=subprocess.PIPE,
+                                              stdout=self.out_fd, stderr=subprocess.PIPE)
+                os.close(self.out_fd)  # zstd holds its own copy now
+                self.out_fd = -1
+                sink = self._proc.stdin
+            try:
+                f = open(self.path, "rb")
+            except OSError as e:
+                raise _MediumError(e.strerror or str(e)) from e
+            with f:
+                while not self._cancel.is_set():
+                    try:
+                        block = f.read(CHUNK)
+                    except OSError as e:  # an ejected or failing medium
+                        raise _MediumError(e.strerror or str(e)) from e
+                    if not block:
+                        break
+                    h.update(block)
+                    done += len(block)
+                    try:
+                        if sink is not None:
+                            sink.write(block)
+                        else:
+                            _write_all(self.out_fd, block)
+                    except (BrokenPipeError, OSError):
+                        problem = "the hypervisor stopped reading the stream"
+                        break
+                    if self.progress is not None:
+                        self.progress(done, self.sf.size)
+        except _MediumError as e:
+            medium_error = str(e)
+        finally:
+            if sink is not None:
+                try:
+                    sink.close()
+                except OSError:
+                    pass
+            if self.out_fd >= 0:
+                os.close(self.out_fd)
+                self.out_fd = -1
+        if self._proc is not None:
+            try:
+                _, err = self._proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                _, err = self._proc.communicate()
+            if self._proc.returncode != 0 and problem is None and not self._cancel.is_set():
+                words = err.decode(errors="replace").strip().splitlines()
+                problem = "zstd rejected the stream: " + (words[-1] if words else f"status {self._proc.returncode}")
+        digest = h.hexdigest()
+        if self._cancel.is_set() and problem is None:
+            problem = "the feed was cancelled"
+        if problem is None and medium_error is None:
+            if done != self.sf.size:
+                problem = f"read {done} bytes, expected {self.sf.size}"
+            elif digest != self.sf.sha256:
+                problem = f"sha256 mismatch: got {digest[:16]}..., expected {self.sf.sha256[:16]}..."
+        self._result = FeedResult(done, digest, problem, medium_error)
+
+
+class _MediumError(Exception):
+    pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
