@@ -278,6 +278,13 @@ def _prop(device: pyudev.Device, name: str, default: str = "") -> str:
     return device.properties.get(name, default)
 
 
+def _driver(device: pyudev.Device | None) -> str:
+    """The bound driver: the ``driver`` link, or the DRIVER udev recorded."""
+    if device is None:
+        return ""
+    return device.driver or _prop(device, "DRIVER")
+
+
 def _speed_of(kind: str, rotational: bool | None, usb_mbps: int | None) -> str:
     if kind == "optical":
         return "slow"
@@ -403,8 +410,7 @@ def _is_physical_nic(device: pyudev.Device) -> bool:
 def _nic(device: pyudev.Device) -> Nic:
     driver = _prop(device, "ID_NET_DRIVER")
     if not driver:
-        parent = device.parent
-        driver = (parent.driver if parent is not None else None) or ""
+        driver = _driver(device.parent)
     return Nic(name=device.sys_name, driver=driver, mac=_attr(device, "address") or "", sys_path=device.sys_path)
 
 
@@ -422,8 +428,7 @@ def _displays(context: pyudev.Context) -> tuple[DrmCard, ...]:
         if not card:
             continue  # renderD128, controlD64, version
         if card.group(2) is None:
-            parent = dev.parent
-            cards[name] = DrmCard(name, (parent.driver if parent is not None else None) or "")
+            cards[name] = DrmCard(name, _driver(dev.parent))
         else:
             connectors.setdefault(card.group(1), []).append(Connector(name, _attr(dev, "status") or "unknown"))
     return tuple(
@@ -620,14 +625,6 @@ class HardwareMonitor:
             return self._memory(action, device)
         return []
 
-    def _is_medium_device(self, device: pyudev.Device) -> bool:
-        m = self.medium
-        if m is None:
-            return False
-        path = device.sys_path
-        ours = [p for p in (m.sys_path, m.partition_sys_path) if p]
-        return path in ours
-
     def _removes_medium(self, device: pyudev.Device) -> bool:
         """The removed device is the medium's disk or partition, or one of their parents."""
         m = self.medium
@@ -677,7 +674,10 @@ class HardwareMonitor:
 
     def _memory(self, action: str, device: pyudev.Device) -> list[HardwareEvent]:
         name = device.sys_name
-        online = action == "online" or (action in ("add", "change") and _attr(device, "state") == "online")
+        # "online" when a block is onlined by hand or by auto_online_blocks; an "add"
+        # of a block that is online already counts too. "change" does not: blocks
+        # online before the monitor started would look new.
+        online = action == "online" or (action == "add" and _attr(device, "state") == "online")
         if action in ("offline", "remove"):
             self._online_blocks.discard(name)
             return []
