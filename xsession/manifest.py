@@ -340,12 +340,14 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
     """The YAML-ready form of a manifest (the inverse of :func:`parse_manifest`)."""
 
     def clean(obj: Any) -> Any:
-        d = dataclasses.asdict(obj)
-        return {k: v for k, v in d.items() if v is not None}
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if v is not None}
+        return obj
+
 
     return {
         "format": FORMAT,
         "default": m.default,
         "created": m.created,
-        "flavours": [clean(f) for f in m.flavours],
+        "flavours": [clean(dataclasses.asdict(f)) for f in m.flavours],
     }

@@ -110,6 +110,15 @@ class Feeder(threading.Thread):
         return self._result
 
     def run(self) -> None:
+        try:
+            self._feed()
+        except Exception as e:  # never leave result() waiting for a thread that died
+            self._result = FeedResult(0, "", f"the feed failed: {e!r}")
+            if self.out_fd >= 0:
+                os.close(self.out_fd)
+                self.out_fd = -1
+
+    def _feed(self) -> None:
         h = hashlib.sha256()
         done = 0
         problem: str | None = None
@@ -159,11 +168,12 @@ class Feeder(threading.Thread):
                 os.close(self.out_fd)
                 self.out_fd = -1
         if self._proc is not None:
+            err = self._proc.stderr.read() if self._proc.stderr else b""
             try:
-                _, err = self._proc.communicate(timeout=30)
+                self._proc.wait(30)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-                _, err = self._proc.communicate()
+                self._proc.wait()
             if self._proc.returncode != 0 and problem is None and not self._cancel.is_set():
                 words = err.decode(errors="replace").strip().splitlines()
                 problem = "zstd rejected the stream: " + (words[-1] if words else f"status {self._proc.returncode}")

@@ -536,7 +536,8 @@ class QemuBackend:
             guest.stop()  # QEMU closes the stream when it quits at the latest
             t.join(60)
             if zstd is not None:
-                _, err = zstd.communicate(timeout=60)
+                err = zstd.stderr.read() if zstd.stderr else b""
+                zstd.wait(60)
                 if zstd.returncode != 0:
                     raise HypervisorError("zstd", f"status {zstd.returncode}", err.decode(errors="replace"))
             out.flush()

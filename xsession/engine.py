@@ -1,0 +1,524 @@
+"""Sessions, their state machine, and the restore scheduler that drives a backend.
+
+A session is one flavour's VM. Its states (DESIGN §4)::
+
+    available -> queued -> restoring -> running <-> paused
+                              |            |          |
+                              v            v          v
+                           booting      stopped    stopped
+    any -> failed (with a reason)
+
+``restoring`` falls back to ``booting`` (a cold boot) when the statefile cannot
+be used; the reason says why. Transitions come from :data:`TRANSITIONS` only.
+
+Events (delivered to every subscriber, from whichever thread caused them):
+
+* ``state-changed``  (session snapshot) on every state or reason change;
+* ``progress``       (session snapshot) while restoring, at most every
+  :data:`PROGRESS_INTERVAL_S` or each :data:`PROGRESS_STEP` of the total;
+* ``warnings``       (None) when the manager's warnings changed.
+
+The engine never imports the D-Bus layer; the daemon subscribes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .bootopts import BootOptions, RestorePolicy, check_flavours
+from .errors import (InvalidState, MediumUnavailable, NotEnoughMemory, StatefileCorrupt, XSessionError)
+from .hypervisor.base import Backend, Guest
+from .manifest import Flavour, Manifest
+from . import scheduler
+
+__all__ = ["State", "TRANSITIONS", "SessionView", "Engine", "EventCallback", "FitCheck"]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.1
+PROGRESS_STEP = 0.02
+
+
+class State(str, enum.Enum):
+    AVAILABLE = "available"
+    QUEUED = "queued"
+    RESTORING = "restoring"
+    BOOTING = "booting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.AVAILABLE: frozenset({S.QUEUED, S.RUNNING, S.PAUSED, S.FAILED}),   # running/paused: adopted
+    S.QUEUED: frozenset({S.RESTORING, S.BOOTING, S.AVAILABLE, S.STOPPED, S.FAILED}),
+    S.RESTORING: frozenset({S.RUNNING, S.BOOTING, S.FAILED}),
+    S.BOOTING: frozenset({S.RUNNING, S.FAILED}),
+    S.RUNNING: frozenset({S.PAUSED, S.STOPPED, S.FAILED, S.QUEUED}),
+    S.PAUSED: frozenset({S.RUNNING, S.STOPPED, S.FAILED, S.QUEUED}),
+    S.STOPPED: frozenset({S.QUEUED, S.FAILED}),
+    S.FAILED: frozenset({S.QUEUED, S.STOPPED}),
+}
+
+#: which states each action may start from
+ACTIONS: dict[str, frozenset[State]] = {
+    "activate": frozenset(State),  # each state has its own meaning of "make it run"
+    "pause": frozenset({S.RUNNING}),
+    "resume": frozenset({S.PAUSED}),
+    "stop": frozenset({S.QUEUED, S.RUNNING, S.PAUSED}),
+    "reset": frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.FAILED, S.AVAILABLE}),
+}
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """A consistent snapshot of one session, safe to hand to any thread."""
+
+    name: str
+    title: str
+    state: State
+    reason: str
+    bytes_done: int
+    bytes_total: int
+    priority: int
+    memory_mib: int
+    console: dict[str, str]
+    last_change: float
+    origin: str  # "", "restored", "cold-booted", "adopted"
+
+    @property
+    def progress(self) -> float:
+        if self.state is S.RUNNING or self.state is S.PAUSED:
+            return 1.0
+        return self.bytes_done / self.bytes_total if self.bytes_total else 0.0
+
+
+@dataclass
+class _Session:
+    flavour: Flavour
+    state: State = S.AVAILABLE
+    reason: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    last_change: float = field(default_factory=time.time)
+    guest: Guest | None = None
+    origin: str = ""
+    held: bool = False          # a person stopped it: policy leaves it alone
+    retry_on_medium: bool = False
+    last_emit: float = 0.0
+    last_emit_fraction: float = 0.0
+
+    def view(self) -> SessionView:
+        return SessionView(
+            name=self.flavour.name, title=self.flavour.title, state=self.state, reason=self.reason,
+            bytes_done=self.bytes_done, bytes_total=self.bytes_total, priority=self.flavour.priority,
+            memory_mib=self.flavour.memory_mib, console=dict(self.guest.console) if self.guest else {},
+            last_change=self.last_change, origin=self.origin)
+
+
+EventCallback = Callable[[str, SessionView | None], None]
+#: (flavour, sessions that run) -> None, or raise NotEnoughMemory
+FitCheck = Callable[[Flavour, dict[str, int]], None]
+
+
+class Engine:
+    """Owns the sessions of one medium and restores them in order on one backend.
+
+    Thread-safe: public methods may be called from any thread. Restores run in
+    worker threads; at most :attr:`max_parallel` at once.
+    """
+
+    def __init__(self, manifest: Manifest, backend: Backend, runtime_dir: Path,
+                 options: BootOptions | None = None, *, max_parallel: int = 1,
+                 fit_check: FitCheck | None = None):
+        self.manifest = manifest
+        self.backend = backend
+        self.runtime_dir = runtime_dir
+        opts = check_flavours(options or BootOptions(), manifest.names, manifest.default)
+        self.options = opts
+        self.default = opts.flavour or manifest.default
+        allowed = set(opts.sessions) if opts.sessions else set(manifest.names)
+        self._flavours = tuple(f for f in manifest.flavours if f.name in allowed)
+        self._sessions = {f.name: _Session(f) for f in self._flavours}
+        self.max_parallel = max(1, max_parallel)
+        self.fit_check = fit_check or self._host_fit_check
+        self.warnings: list[str] = list(opts.warnings)
+        self._queue: list[scheduler.QueueEntry] = []
+        self._active: dict[str, threading.Thread] = {}
+        self._subscribers: list[EventCallback] = []
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._closing = False
+        self._medium_ok = True
+
+    # -- observing -------------------------------------------------------------
+    def subscribe(self, callback: EventCallback) -> None:
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def _emit(self, event: str, session: _Session | None) -> None:
+        view = session.view() if session else None
+        for cb in list(self._subscribers):
+            try:
+                cb(event, view)
+            except Exception:
+                log.exception("event subscriber failed on %s", event)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self._flavours)
+
+    def sessions(self) -> list[SessionView]:
+        """All sessions in restore order."""
+        with self._lock:
+            order = scheduler.priority_order(self._flavours, self.default)
+            return [self._sessions[n].view() for n in order]
+
+    def session(self, name: str) -> SessionView:
+        with self._lock:
+            return self._get(name).view()
+
+    def _get(self, name: str) -> _Session:
+        try:
+            return self._sessions[name]
+        except KeyError:
+            from .errors import NoSuchFlavour
+            raise NoSuchFlavour(name, self.names) from None
+
+    def running_memory(self) -> dict[str, int]:
+        """MiB committed per session that holds memory (or is about to)."""
+        with self._lock:
+            return {n: s.flavour.memory_mib + self.backend.overhead_mib(s.flavour)
+                    for n, s in self._sessions.items()
+                    if s.state in (S.RESTORING, S.BOOTING, S.RUNNING, S.PAUSED)}
+
+    # -- state machine ------------------------------------------------------------
+    def _set(self, s: _Session, state: State, reason: str = "") -> None:
+        """Move a session along :data:`TRANSITIONS` (lock held)."""
+        if state is not s.state and state not in TRANSITIONS[s.state]:
+            raise InvalidState(s.flavour.name, f"move to {state.value}", s.state.value,
+                               [st.value for st, nxt in TRANSITIONS.items() if state in nxt])
+        changed = state is not s.state or reason != s.reason
+        s.state, s.reason = state, reason
+        if state not in (S.RESTORING,):
+            s.bytes_done = s.bytes_total if state in (S.RUNNING, S.PAUSED) and s.bytes_total else s.bytes_done
+        if changed:
+            s.last_change = time.time()
+            log.info("%s: %s%s", s.flavour.name, state.value, f" ({reason})" if reason else "",
+                     extra={"SESSION": s.flavour.name, "STATE": state.value})
+            self._emit("state-changed", s)
+            self._idle.notify_all()
+
+    def _require(self, s: _Session, action: str) -> None:
+        if s.state not in ACTIONS[action]:
+            raise InvalidState(s.flavour.name, action, s.state.value, sorted(x.value for x in ACTIONS[action]))
+
+    # -- starting ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Apply the restore policy: queue what it says and start restoring."""
+        with self._lock:
+            for entry in scheduler.initial_queue(self._flavours, self.default, self.options.restore):
+                s = self._sessions[entry.name]
+                if s.state is S.AVAILABLE:
+                    self._queue.append(entry)
+                    self._set(s, S.QUEUED, "restoring at boot")
+            self._dispatch()
+
+    def adopt_running(self) -> list[str]:
+        """Take over guests a previous manager left running; report those that died meanwhile."""
+        adopted = []
+        with self._lock:
+            for name, s in self._sessions.items():
+                rundir = self._rundir(name)
+                if not (rundir / "guest.json").exists():
+                    continue
+                guest = self.backend.adopt(name, rundir)
+                if guest is None:
+                    self._set(s, S.FAILED, "its hypervisor process ended while the manager was away")
+                    continue
+                s.guest = guest
+                s.origin = "adopted"
+                try:
+                    paused = getattr(guest, "status")() == "paused"
+                except (XSessionError, AttributeError):
+                    paused = False
+                self._set(s, S.PAUSED if paused else S.RUNNING, "adopted from the previous manager")
+                guest.on_exit(lambda reason, s=s, g=guest: self._guest_exited(s, g, reason))
+                adopted.append(name)
+        return adopted
+
+    def activate(self, name: str) -> SessionView:
+        """Make a session run: restore it now (jumping the queue), resume it, or nothing if it runs.
+
+        :raises NoSuchFlavour: unknown name.
+        :raises NotEnoughMemory: it cannot fit now; names what could be stopped.
+        """
+        with self._lock:
+            s = self._get(name)
+            if s.state in (S.RUNNING, S.RESTORING, S.BOOTING):
+                return s.view()
+            if s.state is S.PAUSED:
+                self.resume(name)
+                return s.view()
+            self.fit_check(s.flavour, self.running_memory())
+            s.held = False
+            self._queue = scheduler.enqueue_request(self._queue, name)
+            if s.state is not S.QUEUED:
+                self._set(s, S.QUEUED, "requested")
+            self._dispatch()
+            return s.view()
+
+    def _rundir(self, name: str) -> Path:
+        return self.runtime_dir / "sessions" / name
+
+    def _dispatch(self) -> None:
+        """Start queued restores while slots are free (lock held)."""
+        if self._closing:
+            return
+        while len(self._active) < self.max_parallel and self._queue:
+            entry = self._queue.pop(0)
+            s = self._sessions[entry.name]
+            if s.state is not S.QUEUED:
+                continue
+            try:
+                self.fit_check(s.flavour, self.running_memory())
+            except NotEnoughMemory as e:
+                if entry.requested:
+                    self._set(s, S.FAILED, str(e))
+                else:
+                    self._set(s, S.AVAILABLE, f"waiting for memory: {e}")
+                continue
+            self._start_job(s)
+        if not self._active and not self._queue and self.options.restore is RestorePolicy.LAZY:
+            self._fill_when_idle()
+
+    def _fill_when_idle(self) -> None:
+        """Under ``lazy``: restore the next waiting flavour that fits (lock held)."""
+        waiting = [n for n, s in self._sessions.items() if s.state is S.AVAILABLE and not s.held]
+        for name in scheduler.priority_order([self._sessions[n].flavour for n in waiting], self.default):
+            s = self._sessions[name]
+            try:
+                self.fit_check(s.flavour, self.running_memory())
+            except NotEnoughMemory as e:
+                self._set(s, S.AVAILABLE, f"waiting for memory: {e}")
+                continue
+            self._queue.append(scheduler.QueueEntry(name, False))
+            self._set(s, S.QUEUED, "restoring while idle")
+            self._dispatch()
+            return
+
+    def _start_job(self, s: _Session) -> None:
+        has_state = s.flavour.statefile is not None
+        s.bytes_done = 0
+        s.bytes_total = s.flavour.statefile.size if has_state else 0
+        s.origin = ""
+        if has_state:
+            self._set(s, S.RESTORING, "reading the statefile")
+        else:
+            self._set(s, S.BOOTING, "no statefile on the medium; cold booting")
+        t = threading.Thread(target=self._job, args=(s,), name=f"restore-{s.flavour.name}", daemon=True)
+        self._active[s.flavour.name] = t
+        t.start()
+
+    # -- the restore job (worker thread) -----------------------------------------------
+    def _progress(self, s: _Session, done: int, total: int) -> None:
+        with self._lock:
+            if s.state is not S.RESTORING:
+                return
+            s.bytes_done, s.bytes_total = done, total
+            now = time.monotonic()
+            fraction = done / total if total else 0.0
+            if (now - s.last_emit >= PROGRESS_INTERVAL_S or fraction - s.last_emit_fraction >= PROGRESS_STEP
+                    or done == total):
+                s.last_emit, s.last_emit_fraction = now, fraction
+                self._emit("progress", s)
+
+    def _job(self, s: _Session) -> None:
+        name = s.flavour.name
+        rundir = self._rundir(name)
+        guest: Guest | None = None
+        origin = "restored"
+        reason = ""
+        try:
+            if s.flavour.statefile is not None:
+                try:
+                    guest = self.backend.restore(s.flavour, self.manifest, rundir,
+                                                 lambda d, t: self._progress(s, d, t))
+                    reason = "restored from its statefile"
+                except MediumUnavailable:
+                    raise
+                except XSessionError as e:
+                    log.warning("%s: statefile unusable: %s", name, e, extra={"SESSION": name})
+                    with self._lock:
+                        self._set(s, S.BOOTING, f"cold booting: {e}")
+                    reason = f"cold-booted because {e}"
+            if guest is None:
+                origin = "cold-booted"
+                guest = self.backend.cold_boot(s.flavour, self.manifest, rundir)
+                reason = reason or "cold-booted (no statefile)"
+        except MediumUnavailable as e:
+            with self._lock:
+                s.retry_on_medium = True
+                self._set(s, S.FAILED, f"{e}; retried when the medium returns")
+        except XSessionError as e:
+            with self._lock:
+                self._set(s, S.FAILED, str(e))
+        except Exception as e:  # a bug must not kill the scheduler
+            log.exception("%s: restore crashed", name)
+            with self._lock:
+                self._set(s, S.FAILED, f"internal error: {e!r}")
+        with self._lock:
+            self._active.pop(name, None)
+            if guest is not None:
+                if self._closing:
+                    guest.stop()
+                else:
+                    s.guest = guest
+                    s.origin = origin
+                    self._set(s, S.RUNNING, reason)
+                    guest.on_exit(lambda why, s=s, g=guest: self._guest_exited(s, g, why))
+            self._dispatch()
+
+    def _guest_exited(self, s: _Session, guest: Guest, reason: str) -> None:
+        with self._lock:
+            if s.guest is not guest:
+                return
+            s.guest = None
+            if s.state in (S.RUNNING, S.PAUSED):
+                self._set(s, S.FAILED, reason)
+            self._dispatch()
+
+    # -- actions --------------------------------------------------------------------
+    def pause(self, name: str) -> None:
+        with self._lock:
+            s = self._get(name)
+            self._require(s, "pause")
+            assert s.guest is not None
+            s.guest.pause()
+            self._set(s, S.PAUSED, "paused")
+
+    def resume(self, name: str) -> None:
+        with self._lock:
+            s = self._get(name)
+            self._require(s, "resume")
+            assert s.guest is not None
+            s.guest.resume()
+            self._set(s, S.RUNNING, "resumed")
+
+    def stop(self, name: str) -> None:
+        with self._lock:
+            s = self._get(name)
+            self._require(s, "stop")
+            if s.state is S.QUEUED:
+                self._queue = [e for e in self._queue if e.name != name]
+            guest, s.guest = s.guest, None
+            s.held = True
+            self._set(s, S.STOPPED, "stopped on request")
+        if guest is not None:
+            guest.stop()
+        with self._lock:
+            self._dispatch()
+
+    def reset(self, name: str) -> SessionView:
+        """Throw the session away and restore it again from the pristine statefile."""
+        with self._lock:
+            s = self._get(name)
+            self._require(s, "reset")
+            guest, s.guest = s.guest, None
+        if guest is not None:
+            guest.stop()
+        shutil.rmtree(self._rundir(name), ignore_errors=True)
+        with self._lock:
+            if s.state is S.AVAILABLE:
+                pass
+            elif s.state not in (S.STOPPED, S.FAILED):
+                self._set(s, S.STOPPED, "reset: discarded")
+            return self.activate(name)
+
+    def set_default(self, name: str) -> None:
+        with self._lock:
+            self._get(name)
+            self.default = name
+
+    # -- the medium ---------------------------------------------------------------
+    def medium_removed(self, why: str = "the medium was removed") -> None:
+        with self._lock:
+            self._medium_ok = False
+            self.warnings.append(why)
+            self._emit("warnings", None)
+
+    def medium_returned(self) -> None:
+        """Retry the sessions whose restore failed because the medium was gone."""
+        with self._lock:
+            self._medium_ok = True
+            for s in self._sessions.values():
+                if s.retry_on_medium and s.state is S.FAILED:
+                    s.retry_on_medium = False
+                    self._queue.append(scheduler.QueueEntry(s.flavour.name, False))
+                    self._set(s, S.QUEUED, "the medium returned; retrying")
+            self._dispatch()
+
+    # -- memory -------------------------------------------------------------------
+    def _host_fit_check(self, flavour: Flavour, running: dict[str, int]) -> None:
+        """Without a planner: refuse what the host's free memory cannot hold."""
+        need = flavour.memory_mib + self.backend.overhead_mib(flavour)
+        free = self.backend.host_memory().free_mib
+        if need > free:
+            raise NotEnoughMemory(flavour.name, need, free, sorted(running))
+
+    # -- waiting and ending ---------------------------------------------------------
+    def wait_idle(self, timeout: float) -> bool:
+        """Until nothing is queued or restoring; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._queue or self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+            return True
+
+    def wait_state(self, name: str, states: set[State], timeout: float) -> SessionView:
+        """Until the session is in one of ``states``; raises TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while True:
+                s = self._get(name)
+                if s.state in states:
+                    return s.view()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{name} is {s.state.value}, not {sorted(x.value for x in states)}")
+                self._idle.wait(left)
+
+    def shutdown(self, stop_guests: bool = True, timeout: float = 60.0) -> None:
+        """End the engine: wait for restores in flight, then stop (or leave) the guests."""
+        with self._lock:
+            self._closing = True
+            self._queue.clear()
+            active = list(self._active.values())
+        for t in active:
+            t.join(timeout)
+        with self._lock:
+            guests = [(s, s.guest) for s in self._sessions.values() if s.guest is not None]
+            for s, _ in guests:
+                s.guest = None
+        for s, g in guests:
+            if stop_guests:
+                g.stop()
+                with self._lock:
+                    if s.state in (S.RUNNING, S.PAUSED):
+                        self._set(s, S.STOPPED, "the manager shut down")
+            else:
+                detach = getattr(g, "detach", None)
+                if detach is not None:
+                    detach()

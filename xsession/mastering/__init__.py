@@ -1,0 +1,1 @@
+"""Building a medium: boot each flavour, save it, compress, checksum, write the manifest."""
