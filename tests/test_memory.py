@@ -101,8 +101,13 @@ def test_the_default_goes_first_whenever_it_fits(args: dict) -> None:
     else:
         assert (d.verdict is Verdict.NOW) == fits
     if args["options"].restore is RestorePolicy.LAZY:
-        assert set(p.now) <= {default}
-        if not fits:
+        assert len(p.now) <= 1
+        if d.verdict is Verdict.NEVER:  # a stand-in: the first flavour that fits
+            fitting = [x.name for x in p.decisions if x.need_mib <= p.headroom_mib]
+            assert p.now == tuple(fitting[:1])
+        else:
+            assert set(p.now) <= {default}
+        if d.verdict is Verdict.LATER:
             assert p.background == ()  # nothing takes the memory the default waits for
 
 
@@ -221,6 +226,14 @@ def test_the_default_need_not_be_the_highest_priority() -> None:
     p = plan(HostMemory(8192, 8192), DEMO, BootOptions(flavour="server", restore=RestorePolicy.EAGER), {}, 64)
     assert [d.name for d in p.decisions] == ["server", "kubuntu", "ubuntu", "xubuntu"]
     assert p.decisions[0].verdict is Verdict.NOW
+
+
+def test_lazy_default_that_can_never_fit_has_a_stand_in() -> None:
+    flavours = [flavour("kubuntu", 1, 4096), flavour("ubuntu", 2, 3000), flavour("server", 3, 512),
+                flavour("xubuntu", 4, 512)]
+    p = plan(HostMemory(2048, 2048), flavours, BootOptions(flavour="kubuntu", reserve_mib=512), {}, 64)
+    assert (p.now, p.never, p.background) == (("server",), ("kubuntu", "ubuntu"), ("xubuntu",))
+    assert "in place of the default kubuntu" in p.decision("server").reason
 
 
 def test_lazy_default_that_does_not_fit_blocks_background_restores() -> None:

@@ -20,6 +20,10 @@ Verdicts:
   for a request and may need other sessions stopped first.
 - ``NEVER``: does not fit even alone on this machine, with nothing else running.
 
+With ``lazy``, a default that can never fit on this machine is replaced, for
+the restore at boot, by the first flavour in priority order that fits now, so
+the person gets a session rather than none; a note says so.
+
 >>> from xsession.hypervisor.base import HostMemory
 >>> from xsession.bootopts import BootOptions
 >>> class F:  # anything with name, priority and memory_mib
@@ -325,6 +329,7 @@ def plan(
         notes.append(f"running sessions hold {running_mib} MiB, {-free} MiB more than the "
                      f"{capacity} MiB this machine has for sessions")
     default_waits = False
+    stand_in = False  # lazy: the default can never fit, the first flavour that does takes its place
     background_free = None  # what is left for background restores once the NOW decisions are made
 
     decisions: list[Decision] = []
@@ -338,7 +343,7 @@ def plan(
         sizes = f"needs {need} MiB ({f.memory_mib} + {ovh} overhead)"
         is_default = f.name == default
         wants_now = options.restore is RestorePolicy.EAGER or (
-            options.restore is RestorePolicy.LAZY and is_default)
+            options.restore is RestorePolicy.LAZY and (is_default or stand_in))
         before = free
         if need > capacity:
             verdict, bg = Verdict.NEVER, False
@@ -347,6 +352,10 @@ def plan(
             verdict, bg = Verdict.NOW, False
             free -= need
             reason = f"{sizes}; {before} MiB free, {free} MiB left"
+            if stand_in:
+                stand_in = False
+                reason += f"; in place of the default {default}, which cannot fit"
+                notes.append(f"the default {default} cannot fit this machine; {f.name} is restored now instead")
         else:
             verdict = Verdict.LATER
             if background_free is None:
@@ -365,9 +374,11 @@ def plan(
         decisions.append(Decision(f.name, f.priority, f.memory_mib, ovh, verdict, bg, before, reason))
         if verdict is Verdict.NOW and background_free is not None:
             background_free -= need
-        if is_default and verdict is not Verdict.NOW:
+        if is_default and verdict is Verdict.LATER:
             # background restores would take the memory the default waits for
             default_waits = True
+        if is_default and verdict is Verdict.NEVER and options.restore is RestorePolicy.LAZY:
+            stand_in = True
 
     now_mib = sum(d.need_mib for d in decisions if d.verdict is Verdict.NOW)
     balloon = None
