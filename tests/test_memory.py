@@ -23,6 +23,7 @@ from xsession.memory import (
     check_request,
     compute_reserve,
     explain,
+    fit_check,
     plan,
 )
 
@@ -295,3 +296,13 @@ def test_the_planner_imports_no_io() -> None:
     code = ("import sys, xsession.memory; bad = {'pyudev', 'gi', 'subprocess', 'xsession.hardware'} "
             "& set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fit_check_hook_for_the_engine() -> None:
+    readings = iter([HostMemory(2048, 2048), HostMemory(2048, 2048)])
+    check = fit_check(lambda: next(readings), DEMO, BootOptions(flavour="kubuntu", reserve_mib=1024), 64)
+    check(DEMO[0], {})  # kubuntu: 320 of 1024
+    with pytest.raises(NotEnoughMemory) as e:
+        check(DEMO[1], {"kubuntu": 320, "server": 256, "xubuntu": 320})
+    assert (e.value.needed_mib, e.value.free_mib) == (320, 128)
+    assert e.value.could_stop == ("server",)

@@ -55,6 +55,7 @@ __all__ = [
     "plan",
     "check_request",
     "explain",
+    "fit_check",
     "compute_reserve",
     "RESERVE_BASE_MIB",
     "RESERVE_RAM_DIVISOR",
@@ -437,6 +438,28 @@ def check_request(plan: Plan, name: str) -> None:
         if gained < d.need_mib:
             could_stop = []
     raise NotEnoughMemory(name, d.need_mib, free, could_stop)
+
+
+def fit_check(
+    memory: Callable[[], HostMemory | object],
+    flavours: Sequence[FlavourLike],
+    options: BootOptions,
+    overhead: Overhead = 0,
+    backend: str = "qemu",
+) -> Callable[[FlavourLike, Mapping[str, int]], None]:
+    """The engine's ``fit_check(flavour, running)`` hook, backed by the planner.
+
+    Each call plans afresh from ``memory()`` (``Backend.host_memory``, or a
+    fresh ``HardwareProfile``) and the sessions that hold memory, then applies
+    :func:`check_request`. On Xen the engine should also read
+    ``plan(...).balloon_target_mib`` and set dom0's target before restoring.
+
+    :raises NotEnoughMemory: (from the returned function) the flavour does not fit now.
+    """
+    def check(flavour: FlavourLike, running: Mapping[str, int]) -> None:
+        check_request(plan(memory(), flavours, options, running, overhead, backend), flavour.name)
+
+    return check
 
 
 def explain(plan: Plan) -> str:
