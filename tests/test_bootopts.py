@@ -63,7 +63,7 @@ def test_every_option_read() -> None:
 
 @pytest.mark.parametrize(("text", "mib"), [
     ("512M", 512), ("1G", 1024), ("1GiB", 1024), ("2048", 2048), ("1T", 1 << 20), ("4096K", 4), ("512m", 512),
-    ("1K", None), ("12X", None), ("", None), ("-1G", None), ("1.5G", None), ("٣G", None),
+    ("1K", None), ("0", None), ("0M", None), ("12X", None), ("", None), ("-1G", None), ("1.5G", None), ("٣G", None),
 ])
 def test_sizes(text: str, mib: int | None) -> None:
     assert parse_size_mib(text) == mib

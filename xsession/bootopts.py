@@ -50,14 +50,16 @@ class BootOptions:
 
 def parse_size_mib(text: str) -> int | None:
     """``512M``, ``1G``, ``2048`` (bytes without a unit are too small to mean
-    anything here, so a bare number is read as MiB) -> MiB, or None if malformed."""
+    anything here, so a bare number is read as MiB) -> MiB, or None if malformed
+    or less than 1 MiB (``0`` and ``0M`` alike: no reserve is not a size)."""
     m = _SIZE_RE.fullmatch(text.strip())
     if not m:
         return None
     number, unit = int(m.group(1)), m.group(2).upper()
     if not unit and not m.group(3):
-        return number  # a bare number is MiB
-    mib = number * _UNIT_MIB[unit]
+        mib: float = number  # a bare number is MiB
+    else:
+        mib = number * _UNIT_MIB[unit]
     return int(mib) if mib >= 1 else None
 
 
