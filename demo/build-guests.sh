@@ -50,4 +50,4 @@ for spec in "$@"; do
 done
 rm -f "$OUT"/.built-*
 touch "$OUT/.built-$key"
-ls -l "$OUT"
+

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class FeedResult:
     sha256: str
     problem: str | None
     medium_error: str | None = None
+    #: the hypervisor stopped reading before the end: its own exit says why
+    reader_gone: bool = False
 
 
 class Feeder(threading.Thread):
@@ -121,7 +124,7 @@ class Feeder(threading.Thread):
     def _feed(self) -> None:
         h = hashlib.sha256()
         done = 0
-        problem: str | None = None
+        reader_gone = False
         medium_error: str | None = None
         sink = None
         try:
@@ -146,14 +149,15 @@ class Feeder(threading.Thread):
                         break
                     h.update(block)
                     done += len(block)
-                    try:
-                        if sink is not None:
-                            sink.write(block)
-                        else:
-                            _write_all(self.out_fd, block)
-                    except (BrokenPipeError, OSError):
-                        problem = "the hypervisor stopped reading the stream"
-                        break
+                    if not reader_gone:
+                        # once the reader is gone, keep hashing: the diagnosis wants the whole file
+                        try:
+                            if sink is not None:
+                                sink.write(block)
+                            else:
+                                _write_all(self.out_fd, block)
+                        except OSError:
+                            reader_gone = True
                     if self.progress is not None:
                         self.progress(done, self.sf.size)
         except _MediumError as e:
@@ -167,6 +171,7 @@ class Feeder(threading.Thread):
             if self.out_fd >= 0:
                 os.close(self.out_fd)
                 self.out_fd = -1
+        zstd_error: str | None = None
         if self._proc is not None:
             err = self._proc.stderr.read() if self._proc.stderr else b""
             try:
@@ -174,18 +179,25 @@ class Feeder(threading.Thread):
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-            if self._proc.returncode != 0 and problem is None and not self._cancel.is_set():
+            if self._proc.returncode == -signal.SIGPIPE:
+                reader_gone = True  # the hypervisor closed the stream; zstd could not write on
+            elif self._proc.returncode != 0:
                 words = err.decode(errors="replace").strip().splitlines()
-                problem = "zstd rejected the stream: " + (words[-1] if words else f"status {self._proc.returncode}")
+                zstd_error = words[-1].rsplit(" : ", 1)[-1] if words else f"status {self._proc.returncode}"
         digest = h.hexdigest()
-        if self._cancel.is_set() and problem is None:
+        # the most telling diagnosis first
+        problem: str | None = None
+        if medium_error is not None:
+            pass
+        elif self._cancel.is_set():
             problem = "the feed was cancelled"
-        if problem is None and medium_error is None:
-            if done != self.sf.size:
-                problem = f"read {done} bytes, expected {self.sf.size}"
-            elif digest != self.sf.sha256:
-                problem = f"sha256 mismatch: got {digest[:16]}..., expected {self.sf.sha256[:16]}..."
-        self._result = FeedResult(done, digest, problem, medium_error)
+        elif done != self.sf.size:
+            problem = f"read {done} bytes, expected {self.sf.size}"
+        elif digest != self.sf.sha256:
+            problem = f"sha256 mismatch: got {digest[:16]}..., expected {self.sf.sha256[:16]}..."
+        elif zstd_error is not None:
+            problem = f"zstd rejected the stream: {zstd_error}"
+        self._result = FeedResult(done, digest, problem, medium_error, reader_gone)
 
 
 class _MediumError(Exception):

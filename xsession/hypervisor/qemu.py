@@ -187,7 +187,7 @@ class QemuGuest:
                 reason = f"QEMU was killed by signal {-status}"
             else:
                 reason = f"QEMU exited with status {status}"
-            tail = self.log_tail()
+            tail = self.log_tail(3)
             if tail:
                 reason += f": {tail}"
         self._exit_reason = reason
@@ -383,8 +383,13 @@ class QemuBackend:
         feeder = Feeder(path, sf, write_fd, progress)  # closes write_fd
         feeder.start()
         try:
-            guest.connect(max(1.0, deadline - time.monotonic()))
-            loaded = self._wait_loaded(guest, deadline)
+            try:
+                guest.connect(max(1.0, deadline - time.monotonic()))
+                loaded = self._wait_loaded(guest, deadline)
+            except HypervisorError:
+                if not guest.wait_exit(2.0):
+                    raise
+                loaded = False  # QEMU refused the stream: its words are in exit_reason
             result = feeder.result(max(1.0, deadline - time.monotonic()))
             if result.medium_error is not None:
                 raise MediumUnavailable(str(path), f"reading the statefile failed: {result.medium_error}")

@@ -48,6 +48,9 @@ __all__ = [
     "list_domains",
     "list_long",
     "console_argv",
+    "domain_exists",
+    "is_no_such_domain",
+    "write_config",
     "XL",
 ]
 
@@ -80,11 +83,29 @@ class Result:
     stderr: str
 
 
+#: verbs that only read: safe to run again when xl dies of a signal
+_READ_ONLY = ("info", "list")
+#: how often a read-only verb is tried when xl aborts (Debian's xl 4.17 sometimes dies in
+#: ``libxl_fork.c: atfork_lock: Assertion `!r' failed`` while listing restored domains)
+_READ_TRIES = 3
+
+
 def _run(args: Sequence[str], timeout: float, pass_fds: Sequence[int] = (), xl: str = XL) -> Result:
-    """Run ``xl ARGS`` to completion.
+    """Run ``xl ARGS`` to completion; read-only verbs are retried when xl dies of a signal.
 
     :raises XlError: non-zero exit, timeout (the process is killed), or xl cannot be started.
     """
+    tries = _READ_TRIES if args and args[0] in _READ_ONLY else 1
+    for attempt in range(tries):
+        try:
+            return _run_once(args, timeout, pass_fds, xl)
+        except XlError as e:
+            if e.status is None or e.status >= 0 or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(args: Sequence[str], timeout: float, pass_fds: Sequence[int], xl: str) -> Result:
     argv = [xl, *args]
     # freed at the end of the with-block; files, not pipes (see the module docstring)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -387,10 +408,20 @@ def domain_exists(domain: str, *, timeout: float = QUICK, xl: str = XL) -> ListE
     try:
         rows = list_domains(domain, timeout=timeout, xl=xl)
     except XlError as e:
-        if e.status is not None and "invalid domain identifier" in e.stderr:
+        if is_no_such_domain(e):
             return None
         raise
     return rows[0] if rows else None
+
+
+def is_no_such_domain(error: XlError) -> bool:
+    """Whether xl failed because the domain is not there.
+
+    xl words it "NAME is an invalid domain identifier" for a name and
+    "Domain 'N' does not exist." for an id.
+    """
+    return error.status is not None and ("invalid domain identifier" in error.stderr
+                                         or "does not exist" in error.stderr)
 
 
 def write_config(path: Path, settings: dict[str, str | int]) -> Path:

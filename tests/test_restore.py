@@ -1,0 +1,262 @@
+"""Restoring the demo flavours for real (QEMU TCG): continuity, order, bad input, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xsession.engine import State
+from xsession.errors import InvalidState, NotEnoughMemory
+from xsession.hypervisor.qemu import QemuBackend
+from xsession.manifest import MANIFEST_RELPATH, load_manifest
+from xsession.statefile import sha256_of
+
+from .guestlib import ask, counters, damage, read_log, wait_for
+
+RUNNING = {State.RUNNING}
+SETTLED = {State.RUNNING, State.FAILED}
+
+
+def test_restored_guest_continues_where_it_was_saved(manifest, runtime_dir):
+    backend = QemuBackend()
+    flavour = manifest.flavour("kubuntu")
+    guest = backend.restore(flavour, manifest, runtime_dir / "kubuntu", lambda d, t: None)
+    try:
+        answer = ask(guest.console["serial"], "PING one")
+        assert "flavour=kubuntu" in answer
+        saved_counter = int(answer.rsplit("counter=", 1)[1])
+        assert saved_counter >= 1, "the guest was saved after it had counted"
+        log = wait_for(guest.console["log"], b"COUNTER %d" % (saved_counter + 2))
+        seen = counters(log)
+        assert seen[0] in (saved_counter, saved_counter + 1), f"counter restarted: {seen}"
+        assert seen == list(range(seen[0], seen[0] + len(seen))), f"counter not continuous: {seen}"
+        assert b"XS-BOOT" not in log and b"XS-READY" not in log, "the guest booted again"
+        # the disk overlay that existed at save time came along: one boot recorded
+        disk = ask(guest.console["serial"], "sh:dd if=/dev/vda bs=512 count=1 2>/dev/null | head -n1",
+                   expect=b"OUT XSDISK")
+        assert disk == "OUT XSDISK kubuntu boots=1"
+    finally:
+        guest.stop()
+    assert not guest.is_alive()
+
+
+def _restore_order(engine) -> list[str]:
+    order: list[str] = []
+    engine.subscribe(lambda ev, v: order.append(v.name) if ev == "state-changed" and v.state is State.RESTORING
+                     else None)
+    return order
+
+
+def test_lazy_restores_the_default_first_then_the_rest_in_priority_order(manifest, make_engine):
+    engine = make_engine(manifest, "xenubuntu.flavour=xubuntu xenubuntu.restore=lazy")
+    order = _restore_order(engine)
+    engine.start()
+    for name in engine.names:
+        engine.wait_state(name, SETTLED, 120)
+    assert order == ["xubuntu", "kubuntu", "ubuntu", "server"]
+    views = engine.sessions()
+    assert [v.name for v in views] == order
+    for v in views:
+        assert v.state is State.RUNNING and v.origin == "restored", v
+        assert v.bytes_done == v.bytes_total > 0 and v.progress == 1.0
+        assert v.console["vnc"].startswith("unix:")
+        assert "PONG" in ask(v.console["serial"], "PING x")
+
+
+def test_a_request_jumps_the_queue(manifest, make_engine):
+    engine = make_engine(manifest, "xenubuntu.restore=eager", max_parallel=1)
+    order = _restore_order(engine)
+    progress: list[str] = []
+    engine.subscribe(lambda ev, v: progress.append(v.name) if ev == "progress" else None)
+    engine.start()
+    engine.activate("server")
+    assert engine.wait_idle(120)
+    assert order == ["kubuntu", "server", "ubuntu", "xubuntu"]
+    assert progress and set(progress) == set(order)
+
+
+def test_off_restores_nothing_until_asked(manifest, make_engine):
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    engine.start()
+    assert engine.wait_idle(5)
+    assert {v.state for v in engine.sessions()} == {State.AVAILABLE}
+    engine.activate("ubuntu")
+    assert engine.wait_state("ubuntu", SETTLED, 60).state is State.RUNNING
+    assert {v.name for v in engine.sessions() if v.state is State.RUNNING} == {"ubuntu"}
+
+
+def _rewrite_manifest(medium: Path, edit) -> None:
+    path = medium / MANIFEST_RELPATH
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    tmp = path.with_name("manifest.new")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _statefile(medium: Path, name: str) -> Path:
+    return medium / "xenubuntu" / "flavours" / name / "state.zst"
+
+
+def _corrupt_zstd_frame_keep_sha(medium: Path) -> None:
+    """Damage compressed data, then record the damaged file's sha256 and size, so only
+    zstd's own frame checksum can notice."""
+    path = _statefile(medium, "server")
+    damage(path, offset=path.stat().st_size // 3, count=64)
+
+    def edit(data):
+        for f in data["flavours"]:
+            if f["name"] == "server":
+                f["statefile"]["sha256"] = sha256_of(path)
+    _rewrite_manifest(medium, edit)
+
+
+BAD_STATEFILES = {
+    "truncated": (lambda m: damage(_statefile(m, "server"), truncate_to=_statefile(m, "server").stat().st_size // 2),
+                  "truncated"),
+    "empty": (lambda m: damage(_statefile(m, "server"), empty=True), "empty"),
+    "missing": (lambda m: _statefile(m, "server").unlink(), "missing"),
+    "flipped-bytes": (lambda m: damage(_statefile(m, "server")), "sha256 mismatch"),
+    "corrupt-zstd-frame": (_corrupt_zstd_frame_keep_sha, "zstd"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_STATEFILES))
+def test_a_bad_statefile_is_detected_and_the_flavour_cold_boots(kind, medium, make_engine):
+    spoil, words = BAD_STATEFILES[kind]
+    spoil(medium)
+    manifest = load_manifest(medium / MANIFEST_RELPATH)
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    states: list[tuple[State, str]] = []
+    engine.subscribe(lambda ev, v: states.append((v.state, v.reason)) if ev == "state-changed" else None)
+    engine.activate("server")
+    view = engine.wait_state("server", SETTLED, 180)
+    assert view.state is State.RUNNING, view.reason
+    assert view.origin == "cold-booted"
+    assert words in view.reason, view.reason
+    assert [s for s, _ in states][-2:] == [State.BOOTING, State.RUNNING]
+    log = read_log(view.console["log"])
+    assert b"XS-BOOT flavour=server" in log  # it really booted afresh
+    assert b"DISK boots=2" in log  # over the disk as it was saved (one boot at mastering)
+    assert "PONG" in ask(view.console["serial"], "PING after-cold-boot")
+
+
+def test_a_stream_that_qemu_refuses_falls_back_with_qemus_words(medium, make_engine):
+    """Machine and saved_with changed together (the manifest agrees with itself, the
+    stream does not): QEMU refuses to load, the reason quotes it, the flavour cold-boots."""
+    def edit(data):
+        for f in data["flavours"]:
+            if f["name"] == "ubuntu":
+                f["machine"]["memory_mib"] = 320
+                f["statefile"]["saved_with"]["memory_mib"] = 320
+    _rewrite_manifest(medium, edit)
+    engine = make_engine(load_manifest(medium / MANIFEST_RELPATH), "xenubuntu.restore=off")
+    engine.activate("ubuntu")
+    view = engine.wait_state("ubuntu", SETTLED, 180)
+    assert view.state is State.RUNNING and view.origin == "cold-booted"
+    assert "mismatch" in view.reason.lower() or "migration" in view.reason.lower(), view.reason
+
+
+def test_a_guest_that_reboots_is_noticed(manifest, make_engine):
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    engine.activate("kubuntu")
+    view = engine.wait_state("kubuntu", SETTLED, 60)
+    import socket
+    with socket.socket(socket.AF_UNIX) as s:  # kept open: QEMU drops unread input of a closed client
+        s.connect(view.console["serial"])
+        s.sendall(b"sh:reboot -f\n")
+        view = engine.wait_state("kubuntu", {State.FAILED}, 30)
+    assert "reset" in view.reason, view.reason
+
+
+def test_a_guest_whose_hypervisor_dies_is_noticed(manifest, make_engine, runtime_dir):
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    engine.activate("server")
+    engine.wait_state("server", SETTLED, 60)
+    pid = int((runtime_dir / "sessions" / "server" / "qemu.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    view = engine.wait_state("server", {State.FAILED}, 30)
+    assert "signal 9" in view.reason, view.reason
+    # the rest keeps working: the session can be activated again
+    engine.activate("server")
+    assert engine.wait_state("server", SETTLED, 60).state is State.RUNNING
+
+
+def test_pause_resume_stop_and_reset(manifest, make_engine):
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    engine.activate("xubuntu")
+    view = engine.wait_state("xubuntu", SETTLED, 60)
+    first = int(ask(view.console["serial"], "PING a").rsplit("counter=", 1)[1])
+    engine.pause("xubuntu")
+    assert engine.session("xubuntu").state is State.PAUSED
+    before = counters(read_log(view.console["log"]))
+    time.sleep(2.5)
+    assert counters(read_log(view.console["log"])) == before, "a paused guest kept counting"
+    with pytest.raises(InvalidState) as e:
+        engine.pause("xubuntu")
+    assert "paused" in str(e.value) and "running" in str(e.value)
+    engine.resume("xubuntu")
+    wait_for(view.console["log"], b"COUNTER %d" % (max(before) + 1), timeout=15)
+    # reset: back to the pristine statefile, counting from the saved value again
+    later = int(ask(view.console["serial"], "PING b").rsplit("counter=", 1)[1])
+    assert later > first
+    engine.reset("xubuntu")
+    view = engine.wait_state("xubuntu", SETTLED, 60)
+    assert view.state is State.RUNNING and view.origin == "restored"
+    again = int(ask(view.console["serial"], "PING c").rsplit("counter=", 1)[1])
+    assert again < later
+    engine.stop("xubuntu")
+    assert engine.session("xubuntu").state is State.STOPPED
+    assert engine.session("xubuntu").console == {}
+    with pytest.raises(InvalidState):
+        engine.resume("xubuntu")
+
+
+def test_a_request_that_does_not_fit_is_refused_and_names_what_could_be_stopped(manifest, make_engine):
+    def budget_fit(flavour, running):
+        need, free = flavour.memory_mib + 112, 400 - sum(running.values())
+        if need > free:
+            raise NotEnoughMemory(flavour.name, need, free, sorted(running))
+
+    engine = make_engine(manifest, "xenubuntu.restore=off", fit_check=budget_fit)
+    engine.activate("server")
+    engine.wait_state("server", SETTLED, 60)
+    with pytest.raises(NotEnoughMemory) as e:
+        engine.activate("kubuntu")
+    assert e.value.needed_mib == 368 and e.value.could_stop == ("server",)
+    assert "server" in str(e.value)
+    assert engine.session("kubuntu").state is State.AVAILABLE
+    engine.stop("server")
+    engine.activate("kubuntu")
+    assert engine.wait_state("kubuntu", SETTLED, 60).state is State.RUNNING
+
+
+def test_a_missing_medium_fails_the_restore_and_it_is_retried_when_the_medium_returns(medium, make_engine):
+    manifest = load_manifest(medium / MANIFEST_RELPATH)
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    away = medium.with_name("medium-away")
+    medium.rename(away)
+    try:
+        engine.activate("server")
+        view = engine.wait_state("server", {State.FAILED}, 30)
+        assert "medium" in view.reason and "retried" in view.reason
+    finally:
+        away.rename(medium)
+    engine.medium_returned()
+    view = engine.wait_state("server", RUNNING, 60)
+    assert view.origin == "restored"
+
+
+def test_shutdown_leaves_no_process_behind(manifest, make_engine, runtime_dir):
+    from .guestlib import qemu_pids_under
+    engine = make_engine(manifest, "xenubuntu.restore=eager", max_parallel=2)
+    engine.start()
+    engine.wait_state("kubuntu", RUNNING, 60)
+    engine.shutdown(stop_guests=True)  # while others may still restore
+    assert qemu_pids_under(runtime_dir) == []
+    assert all(v.state is not State.RUNNING for v in engine.sessions())
