@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.1
 PROGRESS_STEP = 0.02
+#: written in a session's run folder once its guest runs: a restarted manager
+#: adopts only guests that reached running (a restore cut short is redone)
+RAN_MARKER = "ran"
 
 
 class State(str, enum.Enum):
@@ -123,6 +126,13 @@ class _Session:
             bytes_done=self.bytes_done, bytes_total=self.bytes_total, priority=self.flavour.priority,
             memory_mib=self.flavour.memory_mib, console=dict(self.guest.console) if self.guest else {},
             last_change=self.last_change, origin=self.origin)
+
+
+def _mark_ran(rundir: Path) -> None:
+    try:
+        (rundir / RAN_MARKER).touch()
+    except OSError as e:  # only adoption after a crash depends on it
+        log.warning("cannot mark %s as running: %s", rundir, e)
 
 
 EventCallback = Callable[[str, SessionView | None], None]
@@ -242,6 +252,15 @@ class Engine:
                 if not (rundir / "guest.json").exists():
                     continue
                 guest = self.backend.adopt(name, rundir)
+                if not (rundir / RAN_MARKER).exists():
+                    # the previous manager died mid-restore: the stream was never
+                    # verified, so the half-loaded guest is discarded and restored again
+                    if guest is not None:
+                        guest.stop()
+                    shutil.rmtree(rundir, ignore_errors=True)
+                    self._queue.append(scheduler.QueueEntry(name, False))
+                    self._set(s, S.QUEUED, "its restore was cut short when the previous manager ended; restoring again")
+                    continue
                 if guest is None:
                     self._set(s, S.FAILED, "its hypervisor process ended while the manager was away")
                     continue
@@ -321,6 +340,7 @@ class Engine:
         s.bytes_done = 0
         s.bytes_total = s.flavour.statefile.size if has_state else 0
         s.origin = ""
+        (self._rundir(s.flavour.name) / RAN_MARKER).unlink(missing_ok=True)
         if has_state:
             self._set(s, S.RESTORING, "reading the statefile")
         else:
@@ -384,6 +404,7 @@ class Engine:
                 else:
                     s.guest = guest
                     s.origin = origin
+                    _mark_ran(rundir)
                     self._set(s, S.RUNNING, reason)
                     guest.on_exit(lambda why, s=s, g=guest: self._guest_exited(s, g, why))
             self._dispatch()
@@ -425,8 +446,13 @@ class Engine:
             self._set(s, S.STOPPED, "stopped on request")
         if guest is not None:
             guest.stop()
+            self._forget_guest(name)
         with self._lock:
             self._dispatch()
+
+    def _forget_guest(self, name: str) -> None:
+        """A guest stopped on purpose is nothing a restarted manager should adopt or report."""
+        (self._rundir(name) / "guest.json").unlink(missing_ok=True)
 
     def reset(self, name: str) -> SessionView:
         """Throw the session away and restore it again from the pristine statefile."""
@@ -515,6 +541,7 @@ class Engine:
         for s, g in guests:
             if stop_guests:
                 g.stop()
+                self._forget_guest(s.flavour.name)
                 with self._lock:
                     if s.state in (S.RUNNING, S.PAUSED):
                         self._set(s, S.STOPPED, "the manager shut down")

@@ -1,0 +1,540 @@
+"""The session manager on D-Bus: the Manager and Session objects of DESIGN §6.
+
+Objects (interfaces in ``org.xenubuntu.Sessions1.xml``, next to this module)::
+
+    /org/xenubuntu/Sessions1                 Manager + org.freedesktop.DBus.ObjectManager
+    /org/xenubuntu/Sessions1/session/NAME    Session
+
+Published with Gio's own object registration (the GDBus that pydbus wraps)
+rather than pydbus's: pydbus answers a call with whatever the Python method
+returns, so a method must finish inside the main loop. Here a mutating call
+is answered later, from a worker thread, after polkit decided (which can take
+as long as a person takes to type a password) and after the engine acted (a
+``Stop`` waits for QEMU to quit), while the main loop keeps serving reads and
+signals.
+
+Errors: :func:`dbus_error_name` maps an exception to its D-Bus name, the one
+place that does: an :class:`~xsession.errors.XSessionError` becomes
+``org.xenubuntu.Sessions1.Error.<dbus_name>``, malformed arguments
+``org.freedesktop.DBus.Error.InvalidArgs``, anything else ``...Error.Failed``
+(the cause is logged with its traceback and named in the message).
+
+Signals: engine events arrive on worker threads and are marshalled to the main
+loop with ``GLib.idle_add``; they only mark objects dirty. One idle flush at a
+lower priority than the events then emits at most one ``PropertiesChanged``
+per object per main-loop turn, with the values read at that moment. A change
+that touches only progress is held back to one signal per
+:data:`PROGRESS_INTERVAL_S` per session.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+
+from gi.repository import Gio, GLib
+
+from .engine import Engine, SessionView, State
+from .errors import DBUS_ERROR_PREFIX, MediumUnavailable, NotAuthorized, XSessionError
+
+__all__ = [
+    "BUS_NAME", "MANAGER_PATH", "SESSION_PATH", "MANAGER_IFACE", "SESSION_IFACE", "OBJECT_MANAGER_IFACE",
+    "ACTION_MANAGE", "ACTION_ADMINISTER", "INVALID_ARGS", "API_VERSION", "ACTIVATE_OPTIONS",
+    "InvalidArgs", "dbus_error_name", "introspection_xml", "session_path", "to_variant", "vardict",
+    "Facts", "Authorizer", "SessionsService",
+]
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.xenubuntu.Sessions1"
+MANAGER_PATH = "/org/xenubuntu/Sessions1"
+SESSION_PATH = MANAGER_PATH + "/session"
+MANAGER_IFACE = "org.xenubuntu.Sessions1.Manager"
+SESSION_IFACE = "org.xenubuntu.Sessions1.Session"
+OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+ACTION_MANAGE = "org.xenubuntu.sessions1.manage"
+ACTION_ADMINISTER = "org.xenubuntu.sessions1.administer"
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+API_VERSION = "1"
+#: a front-end showing a progress bar needs no more than this many updates per second
+PROGRESS_INTERVAL_S = 0.1
+PROGRESS_PROPERTIES = frozenset({"Progress", "BytesDone", "BytesTotal"})
+#: Activate's options: name -> D-Bus type
+ACTIVATE_OPTIONS = {"reset": "b", "default": "b", "auth.no_user_interaction": "b"}
+#: polkit may show a password dialog; a person needs time to answer it
+POLKIT_TIMEOUT_MS = 5 * 60 * 1000
+_POLKIT_ALLOW_INTERACTION = 1
+
+
+class InvalidArgs(XSessionError):
+    """An argument the method cannot take (an unknown option, a wrong type)."""
+
+    dbus_name = "InvalidArgs"
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+    def __str__(self) -> str:
+        return self.what
+
+
+def dbus_error_name(exc: BaseException) -> str:
+    """The D-Bus error name a caller sees for ``exc``."""
+    if isinstance(exc, InvalidArgs):
+        return INVALID_ARGS
+    if isinstance(exc, XSessionError):
+        return DBUS_ERROR_PREFIX + exc.dbus_name
+    return DBUS_ERROR_PREFIX + "Failed"
+
+
+def _return_error(invocation: Gio.DBusMethodInvocation, exc: BaseException) -> None:
+    if isinstance(exc, XSessionError):
+        message = str(exc)
+    else:
+        log.error("internal error in %s.%s", invocation.get_interface_name(), invocation.get_method_name(),
+                  exc_info=exc)
+        message = f"internal error: {exc!r}"
+    invocation.return_dbus_error(dbus_error_name(exc), message)
+
+
+# --- values ---------------------------------------------------------------------------
+
+def to_variant(value: Any) -> GLib.Variant:
+    """A plain Python value as the variant a front-end expects inside ``a{sv}``.
+
+    :raises TypeError: a value with no D-Bus form here.
+    """
+    if isinstance(value, GLib.Variant):
+        return value
+    if isinstance(value, bool):
+        return GLib.Variant("b", value)
+    if isinstance(value, int):
+        return GLib.Variant("x", value)
+    if isinstance(value, float):
+        return GLib.Variant("d", value)
+    if isinstance(value, str):
+        return GLib.Variant("s", value)
+    if isinstance(value, Mapping):
+        return GLib.Variant("a{sv}", vardict(value))
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return GLib.Variant("as", list(value))
+    raise TypeError(f"no D-Bus form for {value!r}")
+
+
+def vardict(values: Mapping[str, Any]) -> dict[str, GLib.Variant]:
+    return {str(k): to_variant(v) for k, v in values.items()}
+
+
+def introspection_xml() -> str:
+    """The API's introspection data, as installed with the package."""
+    return resources.files(__package__).joinpath("org.xenubuntu.Sessions1.xml").read_text()
+
+
+def _interfaces() -> dict[str, Gio.DBusInterfaceInfo]:
+    info = Gio.DBusNodeInfo.new_for_xml(introspection_xml())
+    return {iface.name: iface for iface in info.interfaces}
+
+
+def session_path(name: str) -> str:
+    """Flavour names are ``[a-z][a-z0-9_]*`` (manifest), valid path elements as they are."""
+    return f"{SESSION_PATH}/{name}"
+
+
+def _session_properties(v: SessionView) -> dict[str, Any]:
+    """The Session interface's properties, as plain values, from one engine snapshot."""
+    return {
+        "Name": v.name,
+        "Title": v.title,
+        "State": v.state.value,
+        "StateReason": v.reason,
+        "Progress": float(v.progress),
+        "BytesDone": int(v.bytes_done),
+        "BytesTotal": int(v.bytes_total),
+        "Priority": int(v.priority),
+        "MemoryMiB": int(v.memory_mib),
+        "Console": dict(v.console),
+        "LastChange": float(v.last_change),
+    }
+
+
+# --- what the daemon tells the bus ------------------------------------------------------
+
+class Facts(Protocol):
+    """The manager-wide facts that the daemon, not the engine, knows."""
+
+    def manager_properties(self) -> dict[str, Any]:
+        """Version, Backend, DefaultFlavour, RestorePolicy, Hardware, Memory, Medium, Warnings as plain values."""
+        ...
+
+    def medium_problem(self) -> MediumUnavailable | None:
+        """Why nothing can be restored now (no medium, a manifest that failed, an ejected disc), or None."""
+        ...
+
+
+# --- authorization --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Caller:
+    sender: str
+    uid: int
+
+
+class Authorizer:
+    """Decides whether a caller may run a mutating method: root always, others by polkit.
+
+    The subject is the caller's unique bus name (``system-bus-name``), so polkit
+    itself finds its process, user and login session. Without polkit
+    (``use_polkit=False``, or polkit is not on the bus) only root may.
+    """
+
+    def __init__(self, con: Gio.DBusConnection, use_polkit: bool = True):
+        self.con = con
+        self.use_polkit = use_polkit
+
+    def check(self, sender: str, action: str, interactive: bool,
+              done: Callable[[Caller | None, XSessionError | None], None]) -> None:
+        """Call ``done(caller, None)`` when allowed, ``done(caller, NotAuthorized)`` when not (main loop)."""
+
+        def on_uid(con: Gio.DBusConnection, result: Gio.AsyncResult) -> None:
+            try:
+                uid = int(con.call_finish(result).unpack()[0])
+            except GLib.Error as e:
+                done(None, NotAuthorized(action, f"cannot tell who is calling: {e.message}"))
+                return
+            caller = Caller(sender, uid)
+            if uid == 0:
+                done(caller, None)
+            elif not self.use_polkit:
+                done(caller, NotAuthorized(action, f"uid {uid} may not; only root may while polkit is not used"))
+            else:
+                self._ask_polkit(caller, action, interactive, done)
+
+        self.con.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                      "GetConnectionUnixUser", GLib.Variant("(s)", (sender,)), GLib.VariantType("(u)"),
+                      Gio.DBusCallFlags.NONE, 10_000, None, on_uid)
+
+    def _ask_polkit(self, caller: Caller, action: str, interactive: bool,
+                    done: Callable[[Caller | None, XSessionError | None], None]) -> None:
+        subject = ("system-bus-name", {"name": GLib.Variant("s", caller.sender)})
+        args = GLib.Variant("((sa{sv})sa{ss}us)",
+                            (subject, action, {}, _POLKIT_ALLOW_INTERACTION if interactive else 0, ""))
+
+        def on_answer(con: Gio.DBusConnection, result: Gio.AsyncResult) -> None:
+            try:
+                (authorized, challenge, _details), = con.call_finish(result).unpack()
+            except GLib.Error as e:
+                remote = Gio.DBusError.get_remote_error(e) or ""
+                why = "polkit is not running" if remote.endswith(("ServiceUnknown", "NameHasNoOwner")) else e.message
+                done(caller, NotAuthorized(action, f"uid {caller.uid} may not: {why}; only root may"))
+                return
+            if authorized:
+                done(caller, None)
+            elif challenge:
+                done(caller, NotAuthorized(action, f"uid {caller.uid} needs to authenticate first (polkit)"))
+            else:
+                done(caller, NotAuthorized(action, f"polkit refused uid {caller.uid}"))
+
+        self.con.call("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
+                      "org.freedesktop.PolicyKit1.Authority", "CheckAuthorization", args,
+                      GLib.VariantType("((bba{ss}))"), Gio.DBusCallFlags.NONE, POLKIT_TIMEOUT_MS, None, on_answer)
+
+
+# --- the objects ------------------------------------------------------------------------
+
+class SessionsService:
+    """Publishes an engine (or, with no usable medium, none) on a bus connection.
+
+    Call :meth:`publish` from the main loop before owning the name, :meth:`close`
+    when done. Everything but :meth:`_on_engine_event` and :meth:`manager_changed`
+    runs in the main loop.
+    """
+
+    def __init__(self, con: Gio.DBusConnection, engine: Engine | None, facts: Facts,
+                 authorizer: Authorizer):
+        self.con = con
+        self.engine = engine
+        self.facts = facts
+        self.authorizer = authorizer
+        self._ifaces = _interfaces()
+        self._registrations: list[int] = []
+        self._session_regs: dict[str, int] = {}
+        self._published: dict[str, dict[str, Any]] = {}   # path -> properties last announced
+        self._dirty: set[str] = set()
+        self._flush_id = 0
+        self._last_progress: dict[str, float] = {}
+        self._closed = False
+
+    # -- publishing ------------------------------------------------------------------
+    def publish(self) -> None:
+        """Register the manager and every session object; subscribe to the engine."""
+        for name in (MANAGER_IFACE, OBJECT_MANAGER_IFACE):
+            self._registrations.append(self.con.register_object(
+                MANAGER_PATH, self._ifaces[name], self._on_manager_call, self._get_manager_property, None))
+        self._published[MANAGER_PATH] = self.facts.manager_properties()
+        if self.engine is not None:
+            for view in self.engine.sessions():
+                self._add_session(view.name)
+            self.engine.subscribe(self._on_engine_event)
+
+    def _add_session(self, name: str) -> None:
+        path = session_path(name)
+        self._session_regs[name] = self.con.register_object(
+            path, self._ifaces[SESSION_IFACE], self._on_session_call, self._get_session_property, None)
+        props = self._session_props(name)
+        self._published[path] = props
+        self._emit(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesAdded",
+                   GLib.Variant("(oa{sa{sv}})", (path, {SESSION_IFACE: self._typed(SESSION_IFACE, props)})))
+
+    def close(self) -> None:
+        """Withdraw every object (InterfacesRemoved for the sessions); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flush_id:
+            GLib.source_remove(self._flush_id)
+            self._flush_id = 0
+        for name, reg in list(self._session_regs.items()):
+            self.con.unregister_object(reg)
+            self._emit(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesRemoved",
+                       GLib.Variant("(oas)", (session_path(name), [SESSION_IFACE])))
+        self._session_regs.clear()
+        for reg in self._registrations:
+            self.con.unregister_object(reg)
+        self._registrations.clear()
+
+    def _emit(self, path: str, iface: str, signal: str, args: GLib.Variant) -> None:
+        try:
+            self.con.emit_signal(None, path, iface, signal, args)
+        except GLib.Error as e:  # a closed connection at shutdown
+            log.debug("cannot emit %s on %s: %s", signal, path, e.message)
+
+    # -- properties ----------------------------------------------------------------
+    def _session_props(self, name: str) -> dict[str, Any]:
+        assert self.engine is not None
+        return _session_properties(self.engine.session(name))
+
+    def _variant(self, iface: str, prop: str, value: Any) -> GLib.Variant:
+        info = self._ifaces[iface].lookup_property(prop)
+        if info.signature == "a{sv}":
+            return GLib.Variant("a{sv}", vardict(value))
+        return GLib.Variant(info.signature, value)
+
+    def _typed(self, iface: str, props: Mapping[str, Any]) -> dict[str, GLib.Variant]:
+        """Properties as variants of the types the introspection data gives them."""
+        return {k: self._variant(iface, k, v) for k, v in props.items()}
+
+    def _get_manager_property(self, con: Gio.DBusConnection, sender: str, path: str, iface: str,
+                              prop: str) -> GLib.Variant:
+        return self._variant(iface, prop, self.facts.manager_properties()[prop])
+
+    def _get_session_property(self, con: Gio.DBusConnection, sender: str, path: str, iface: str,
+                              prop: str) -> GLib.Variant:
+        return self._variant(iface, prop, self._session_props(path.rsplit("/", 1)[1])[prop])
+
+    # -- change signals ----------------------------------------------------------------
+    def _on_engine_event(self, event: str, view: SessionView | None) -> None:
+        """Engine thread: hand the news to the main loop."""
+        GLib.idle_add(self._mark, session_path(view.name) if view is not None else None,
+                      priority=GLib.PRIORITY_DEFAULT)
+
+    def manager_changed(self) -> None:
+        """Any thread: the manager's facts (medium, warnings, ...) changed."""
+        GLib.idle_add(self._mark, None, priority=GLib.PRIORITY_DEFAULT)
+
+    def _mark(self, path: str | None) -> bool:
+        if path is not None:
+            self._dirty.add(path)
+        self._dirty.add(MANAGER_PATH)  # Memory and Warnings follow the sessions
+        self._schedule_flush()
+        return GLib.SOURCE_REMOVE
+
+    def _schedule_flush(self, delay_s: float = 0.0) -> None:
+        if self._flush_id or self._closed:
+            return
+        if delay_s > 0:
+            self._flush_id = GLib.timeout_add(max(1, int(delay_s * 1000)), self._flush)
+        else:
+            # below the events' priority: every pending event is taken in first
+            self._flush_id = GLib.idle_add(self._flush, priority=GLib.PRIORITY_DEFAULT_IDLE)
+
+    def _flush(self) -> bool:
+        self._flush_id = 0
+        dirty, self._dirty = self._dirty, set()
+        wait = 0.0
+        now = time.monotonic()
+        for path in sorted(dirty):
+            if path == MANAGER_PATH:
+                iface, props = MANAGER_IFACE, self.facts.manager_properties()
+            else:
+                name = path.rsplit("/", 1)[1]
+                if name not in self._session_regs:
+                    continue
+                iface, props = SESSION_IFACE, self._session_props(name)
+            old = self._published.get(path, {})
+            changed = {k: v for k, v in props.items() if old.get(k) != v}
+            if not changed:
+                continue
+            if iface == SESSION_IFACE and set(changed) <= PROGRESS_PROPERTIES:
+                left = self._last_progress.get(path, 0.0) + PROGRESS_INTERVAL_S - now
+                if left > 0:
+                    self._dirty.add(path)
+                    wait = max(wait, left)
+                    continue
+            if iface == SESSION_IFACE and set(changed) & PROGRESS_PROPERTIES:
+                self._last_progress[path] = now
+            self._published[path] = props
+            body = self._typed(iface, changed)
+            self._emit(path, PROPERTIES_IFACE, "PropertiesChanged", GLib.Variant("(sa{sv}as)", (iface, body, [])))
+        if self._dirty:
+            self._schedule_flush(wait)
+        return GLib.SOURCE_REMOVE
+
+    # -- methods ---------------------------------------------------------------------
+    def _on_manager_call(self, con: Gio.DBusConnection, sender: str, path: str, iface: str, method: str,
+                         params: GLib.Variant, invocation: Gio.DBusMethodInvocation) -> None:
+        try:
+            args = params.unpack()
+            if iface == OBJECT_MANAGER_IFACE and method == "GetManagedObjects":
+                invocation.return_value(GLib.Variant("(a{oa{sa{sv}}})", (self._managed_objects(),)))
+            elif method == "ListSessions":
+                invocation.return_value(GLib.Variant("(a(ssso))", (self._list_sessions(),)))
+            elif method == "GetSession":
+                invocation.return_value(GLib.Variant("(o)", (session_path(self._known(args[0])),)))
+            elif method == "Activate":
+                options = _activate_options(params.get_child_value(1))
+                self._activate(invocation, sender, self._known(args[0]), options)
+            elif method == "SetDefault":
+                name = self._known(args[0])
+                self._mutate(invocation, sender, ACTION_ADMINISTER, True,
+                             lambda: self._set_default(name), f"SetDefault {name}")
+            else:
+                raise InvalidArgs(f"no method {iface}.{method}")
+        except Exception as e:
+            _return_error(invocation, e)
+
+    def _on_session_call(self, con: Gio.DBusConnection, sender: str, path: str, iface: str, method: str,
+                         params: GLib.Variant, invocation: Gio.DBusMethodInvocation) -> None:
+        try:
+            name = self._known(path.rsplit("/", 1)[1])
+            engine = self._engine()
+            if method == "Activate":
+                self._activate(invocation, sender, name, {})
+                return
+            actions: dict[str, Callable[[], object]] = {
+                "Pause": lambda: engine.pause(name),
+                "Resume": lambda: engine.resume(name),
+                "Stop": lambda: engine.stop(name),
+                "Reset": lambda: engine.reset(name),
+            }
+            if method not in actions:
+                raise InvalidArgs(f"no method {iface}.{method}")
+            if method == "Reset":
+                self._check_medium(name)
+            self._mutate(invocation, sender, ACTION_MANAGE, True, actions[method], f"{method} {name}")
+        except Exception as e:
+            _return_error(invocation, e)
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            problem = self.facts.medium_problem()
+            raise problem or MediumUnavailable("", "no medium was read")
+        return self.engine
+
+    def _known(self, name: str) -> str:
+        """:raises NoSuchFlavour: from the engine. :raises MediumUnavailable: no engine."""
+        return self._engine().session(name).name
+
+    def _check_medium(self, name: str) -> None:
+        """A session that must be read from the medium cannot start while it is gone."""
+        view = self._engine().session(name)
+        if view.state in (State.RUNNING, State.PAUSED, State.RESTORING, State.BOOTING):
+            return
+        problem = self.facts.medium_problem()
+        if problem is not None:
+            raise problem
+
+    def _activate(self, invocation: Gio.DBusMethodInvocation, sender: str, name: str,
+                  options: dict[str, Any]) -> None:
+        engine = self._engine()
+        reset = bool(options.get("reset"))
+        make_default = bool(options.get("default"))
+        self._check_medium(name)  # also when resetting: the pristine statefile is on the medium
+
+        def act() -> str:
+            if make_default:
+                self._set_default(name)
+            if reset:
+                engine.reset(name)
+            else:
+                engine.activate(name)
+            return session_path(name)
+
+        self._mutate(invocation, sender, ACTION_ADMINISTER if make_default else ACTION_MANAGE,
+                     not options.get("auth.no_user_interaction", False), act, f"Activate {name}",
+                     reply="(o)")
+
+    def _set_default(self, name: str) -> None:
+        self._engine().set_default(name)
+        self.manager_changed()
+
+    def _mutate(self, invocation: Gio.DBusMethodInvocation, sender: str, action: str, interactive: bool,
+                act: Callable[[], object], what: str, reply: str | None = None) -> None:
+        """Authorize, then act in a worker thread and answer from there (Gio allows it)."""
+
+        def decided(caller: Caller | None, refusal: XSessionError | None) -> None:
+            if refusal is not None:
+                log.info("%s refused for %s: %s", what, caller.uid if caller else sender, refusal)
+                _return_error(invocation, refusal)
+                return
+            assert caller is not None
+            log.info("%s by uid %d (%s)", what, caller.uid, caller.sender)
+            threading.Thread(target=run, name=f"bus-{what}", daemon=True).start()
+
+        def run() -> None:
+            try:
+                result = act()
+            except Exception as e:
+                _return_error(invocation, e)
+                return
+            invocation.return_value(GLib.Variant(reply, (result,)) if reply else None)
+
+        self.authorizer.check(sender, action, interactive, decided)
+
+    def _list_sessions(self) -> list[tuple[str, str, str, str]]:
+        if self.engine is None:
+            return []
+        return [(v.name, v.title, v.state.value, session_path(v.name)) for v in self.engine.sessions()]
+
+    def _managed_objects(self) -> dict[str, dict[str, dict[str, GLib.Variant]]]:
+        if self.engine is None:
+            return {}
+        return {session_path(v.name): {SESSION_IFACE: self._typed(SESSION_IFACE, _session_properties(v))}
+                for v in self.engine.sessions()}
+
+
+def _activate_options(options: GLib.Variant) -> dict[str, Any]:
+    """Activate's ``a{sv}``, checked: every name known, every value of its type.
+
+    :raises InvalidArgs: names the option and what it should be.
+    """
+    out: dict[str, Any] = {}
+    for i in range(options.n_children()):
+        entry = options.get_child_value(i)
+        key = entry.get_child_value(0).get_string()
+        value = entry.get_child_value(1).get_variant()
+        want = ACTIVATE_OPTIONS.get(key)
+        if want is None:
+            raise InvalidArgs(f"unknown option {key!r} (known: {', '.join(sorted(ACTIVATE_OPTIONS))})")
+        if value.get_type_string() != want:
+            raise InvalidArgs(f"option {key!r} must be of type {want}, not {value.get_type_string()} "
+                              f"({value.print_(False)})")
+        out[key] = value.unpack()
+    return out

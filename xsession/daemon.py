@@ -1,0 +1,377 @@
+"""``xsessiond``: the session manager as a system daemon.
+
+Wiring only: boot options, the medium and its manifest, the hardware, the
+memory planner, the engine, the D-Bus objects (:mod:`xsession.bus`), the udev
+monitor, systemd's notify protocol and the journal, all on one GLib main loop.
+
+The daemon starts whatever happens to the medium: a medium that is missing or
+a manifest that does not validate becomes a ``Warnings`` entry and a ``Medium``
+property saying so, and the methods answer ``MediumUnavailable``, so that a
+front-end can tell the person why there is nothing to choose.
+
+Guests outlive the daemon (SIGTERM, a crash, an upgrade): on start it adopts
+those that still run; ``--stop-guests-on-exit`` (the demo) stops them instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gi.repository import Gio, GLib
+
+from . import __version__, memory, scheduler
+from .bootopts import DEFAULT_MEDIA, BootOptions, check_flavours, parse_cmdline
+from .bus import API_VERSION, BUS_NAME, Authorizer, SessionsService
+from .engine import Engine, State
+from .errors import MediumUnavailable, XSessionError
+from .manifest import MANIFEST_RELPATH, Flavour, Manifest, load_manifest
+
+__all__ = ["DaemonConfig", "Daemon", "find_medium_root", "main"]
+
+log = logging.getLogger("xsession.daemon")
+
+DEFAULT_RUNTIME_DIR = Path("/run/xenubuntu")
+_DBUS_NAME_FLAG_DO_NOT_QUEUE = 4
+_DBUS_PRIMARY_OWNER = 1
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    cmdline: str
+    medium: Path | None = None          # overrides every other way of finding it
+    runtime_dir: Path = DEFAULT_RUNTIME_DIR
+    stop_guests_on_exit: bool = False
+    use_polkit: bool = True
+    use_udev: bool = True
+
+
+def find_medium_root(options: BootOptions, explicit: Path | None = None,
+                     env: dict[str, str] | None = None) -> tuple[Path | None, list[str]]:
+    """Where the medium is: ``--medium``, the initramfs's ``XENUBUNTU_MEDIUM``,
+    ``xenubuntu.medium=``, then ``/cdrom`` and ``/run/live/medium``.
+
+    :returns: the first place that holds a manifest (None if none does) and the places looked at.
+    """
+    env = os.environ if env is None else env
+    if explicit is not None:
+        places = [str(explicit)]
+    elif env.get("XENUBUNTU_MEDIUM"):
+        places = [env["XENUBUNTU_MEDIUM"]]
+    elif options.medium:
+        places = [options.medium]
+    else:
+        places = list(DEFAULT_MEDIA)
+    for place in places:
+        if (Path(place) / MANIFEST_RELPATH).is_file():
+            return Path(place), places
+    return None, places
+
+
+def _make_backend(manifest: Manifest) -> Any:
+    """The backend the medium was mastered for (a restore needs the same hypervisor)."""
+    kinds = {f.backend for f in manifest.flavours}
+    if kinds == {"xen"}:
+        from .hypervisor.xen import XenBackend
+        return XenBackend()
+    from .hypervisor.qemu import QemuBackend
+    return QemuBackend()
+
+
+@dataclass
+class _MediumState:
+    root: Path | None
+    places: list[str]
+    problem: MediumUnavailable | None = None
+    present: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Daemon:
+    """One run of the daemon; :meth:`run` returns its exit status."""
+
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.options = parse_cmdline(config.cmdline)
+        self.warnings: list[str] = []
+        self.engine: Engine | None = None
+        self.backend: Any = None
+        self.flavours: tuple[Flavour, ...] = ()
+        self.profile: Any = None
+        self.medium = _MediumState(None, [])
+        self.service: SessionsService | None = None
+        self.loop = GLib.MainLoop()
+        self._monitor: Any = None
+        self._status = ""
+
+    # -- start-up --------------------------------------------------------------------
+    def _read_medium(self) -> None:
+        root, places = find_medium_root(self.options, self.config.medium)
+        self.medium = _MediumState(root, places)
+        if root is None:
+            self.medium.problem = MediumUnavailable(
+                " or ".join(places), f"no XenUbuntu medium ({MANIFEST_RELPATH}) found")
+            self.warnings.append(str(self.medium.problem))
+            return
+        try:
+            manifest = load_manifest(root / MANIFEST_RELPATH)
+            self.backend = _make_backend(manifest)
+        except XSessionError as e:
+            self.medium.problem = MediumUnavailable(str(root / MANIFEST_RELPATH), f"the manifest is unusable: {e}")
+            self.warnings.append(str(self.medium.problem))
+            return
+        self._detect_hardware(root)
+        opts = check_flavours(self.options, manifest.names, manifest.default)
+        allowed = set(opts.sessions or manifest.names)
+        self.flavours = tuple(f for f in manifest.flavours if f.name in allowed)
+        speed = self.profile.medium.speed if self.profile is not None and self.profile.medium else "unknown"
+        cpus = self.profile.cpus if self.profile is not None else (os.cpu_count() or 1)
+        self.engine = Engine(
+            manifest, self.backend, self.config.runtime_dir, self.options,
+            max_parallel=scheduler.parallel_restores(speed, cpus),
+            fit_check=memory.fit_check(self.backend.host_memory, self.flavours, opts,
+                                       overhead=self.backend.overhead_mib, backend=self.backend.name))
+
+    def _detect_hardware(self, root: Path) -> None:
+        try:
+            from . import hardware
+            self.profile = hardware.detect(medium_paths=str(root))
+        except Exception as e:  # udev can be missing in a container; the manager still works
+            self.warnings.append(f"cannot look at the hardware: {e}")
+            return
+        if self.profile.medium is not None:
+            self.medium.info = self.profile.medium.as_dict()
+        else:
+            # a medium that is a plain folder (a copy, a test): no device to describe
+            self.medium.info = {"path": str(root), "kind": "directory", "speed": "unknown"}
+            self.warnings.extend(w for w in self.profile.warnings if "not mounted" not in w)
+
+    def _watch_udev(self) -> None:
+        if not self.config.use_udev:
+            return
+        try:
+            from .hardware import HardwareMonitor, watch_with_glib
+            self._monitor = HardwareMonitor(self._on_hardware,
+                                            medium=self.profile.medium if self.profile is not None else None)
+            watch_with_glib(self._monitor)
+        except Exception as e:
+            self.warnings.append(f"no udev monitor: medium and memory changes go unnoticed ({e})")
+
+    def _on_hardware(self, event: Any) -> None:
+        """udev events (main loop)."""
+        from .hardware import MediumChanged, MediumEjected, MemoryAdded
+        if isinstance(event, MediumEjected):
+            self.medium.present = False
+            if self.engine is not None:
+                self.engine.medium_removed(f"the medium was removed ({event.device}: {event.reason})")
+        elif isinstance(event, MediumChanged):
+            if event.same:
+                self.medium.present = True
+                if self.engine is not None:
+                    self.engine.medium_returned()
+            else:
+                self.warnings.append(f"{event.device} holds another disc ({event.fs_label or event.fs_uuid}), "
+                                     "not the XenUbuntu medium")
+        elif isinstance(event, MemoryAdded):
+            log.info("memory block %s came online", event.block)
+        if self.service is not None:
+            self.service.manager_changed()
+
+    # -- Facts for the bus ------------------------------------------------------------
+    def manager_properties(self) -> dict[str, Any]:
+        engine = self.engine
+        warnings = list(dict.fromkeys(self.warnings + (list(engine.warnings) if engine else [])))
+        medium: dict[str, Any] = dict(self.medium.info)
+        problem = self.medium_problem()
+        medium.update({
+            "available": problem is None,
+            "path": str(self.medium.root) if self.medium.root else "",
+            "searched": list(self.medium.places),
+            "error": str(problem) if problem else "",
+        })
+        if engine is not None:
+            medium["manifest"] = engine.manifest.path
+            medium["flavours"] = list(engine.manifest.names)
+        mem: dict[str, Any] = {}
+        if engine is not None:
+            try:
+                mem = memory.plan(self.backend.host_memory(), self.flavours, engine.options,
+                                  engine.running_memory(), overhead=self.backend.overhead_mib,
+                                  backend=self.backend.name).as_dict()
+            except (ValueError, XSessionError) as e:
+                mem = {"error": str(e)}
+        return {
+            "Version": f"{API_VERSION} (xsession {__version__})",
+            "Backend": self.backend.name if self.backend is not None else "",
+            "DefaultFlavour": engine.default if engine else "",
+            "RestorePolicy": (engine.options if engine else self.options).restore.value,
+            "Hardware": self.profile.as_dict() if self.profile is not None else {},
+            "Memory": mem,
+            "Medium": medium,
+            "Warnings": warnings,
+        }
+
+    def medium_problem(self) -> MediumUnavailable | None:
+        if self.medium.problem is not None:
+            return self.medium.problem
+        if not self.medium.present:
+            return MediumUnavailable(str(self.medium.root), "the medium was removed; put it back")
+        return None
+
+    # -- systemd --------------------------------------------------------------------
+    def _notify(self, text: str) -> None:
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        try:
+            from systemd import daemon as sd
+            sd.notify(text)
+        except Exception as e:  # readiness is systemd's business; never fatal here
+            log.warning("sd_notify failed: %s", e)
+
+    def _status_line(self) -> str:
+        if self.engine is None:
+            return f"no sessions: {self.medium_problem()}"
+        views = self.engine.sessions()
+        running = sum(v.state is State.RUNNING for v in views)
+        return f"{running} of {len(views)} sessions running: " + ", ".join(f"{v.name} {v.state.value}" for v in views)
+
+    def _update_status(self) -> bool:
+        status = self._status_line()
+        if status != self._status:
+            self._status = status
+            self._notify(f"STATUS={status}")
+        return GLib.SOURCE_REMOVE
+
+    # -- running ----------------------------------------------------------------------
+    def run(self) -> int:
+        self._read_medium()
+        for w in self.warnings + (list(self.engine.warnings) if self.engine else []):
+            log.warning("%s", w)
+        if self.engine is not None:
+            adopted = self.engine.adopt_running()
+            if adopted:
+                log.info("adopted %s", ", ".join(adopted))
+            self.engine.subscribe(lambda event, view: event == "state-changed"
+                                  and GLib.idle_add(self._update_status))
+        try:
+            con = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
+        except GLib.Error as e:
+            log.error("cannot connect to the system bus: %s", e.message)
+            return 1
+        self.service = SessionsService(con, self.engine, self, Authorizer(con, self.config.use_polkit))
+        self.service.publish()
+        try:
+            reply = con.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                  "RequestName", GLib.Variant("(su)", (BUS_NAME, _DBUS_NAME_FLAG_DO_NOT_QUEUE)),
+                                  GLib.VariantType("(u)"), Gio.DBusCallFlags.NONE, 10_000, None).unpack()[0]
+        except GLib.Error as e:
+            log.error("cannot own %s: %s", BUS_NAME, e.message)
+            self._end(con)
+            return 1
+        if reply != _DBUS_PRIMARY_OWNER:
+            log.error("%s is owned by another process already", BUS_NAME)
+            self._end(con)
+            return 1
+        self._watch_udev()
+        if self.engine is not None:
+            self.engine.start()
+        self._status = self._status_line()
+        self._notify(f"READY=1\nSTATUS={self._status}")
+        log.info("ready on %s: %s", BUS_NAME, self._status)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            GLib.unix_signal_add(GLib.PRIORITY_HIGH, signum, self._on_signal, signum)
+        con.connect("closed", lambda *_: self.loop.quit())
+        self.loop.run()
+        self._end(con)
+        return 0
+
+    def _on_signal(self, signum: int) -> bool:
+        log.info("%s: %s", signal.Signals(signum).name,
+                 "stopping the guests" if self.config.stop_guests_on_exit else "leaving the guests running")
+        self.loop.quit()
+        return GLib.SOURCE_REMOVE
+
+    def _end(self, con: Gio.DBusConnection) -> None:
+        """Withdraw from the bus first (no call may start now), then let go of the engine."""
+        self._notify("STOPPING=1")
+        if self.service is not None:
+            self.service.close()
+        if self._monitor is not None:
+            self._monitor.close()
+        if self.engine is not None:
+            self.engine.shutdown(stop_guests=self.config.stop_guests_on_exit)
+        try:
+            con.flush_sync(None)
+        except GLib.Error:
+            pass
+
+
+# --- logging -------------------------------------------------------------------------
+
+class _FlavourField(logging.Filter):
+    """Journal field FLAVOUR next to SESSION (a session is one flavour's VM)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        session = getattr(record, "SESSION", None)
+        if session is not None and not hasattr(record, "FLAVOUR"):
+            record.FLAVOUR = session
+        return True
+
+
+def setup_logging(level: int) -> None:
+    """To the journal when systemd runs us (its stderr stream is the journal), stderr otherwise."""
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM") and os.path.exists("/run/systemd/journal/socket"):
+        from systemd.journal import JournalHandler
+        handler = JournalHandler(SYSLOG_IDENTIFIER="xsessiond")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("xsessiond: %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_FlavourField())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _read_cmdline(args: argparse.Namespace) -> str:
+    if args.cmdline is not None:
+        return args.cmdline
+    if "XENUBUNTU_OPTIONS" in os.environ:  # the initramfs's copy of the xenubuntu.* words
+        return os.environ["XENUBUNTU_OPTIONS"]
+    try:
+        return Path("/proc/cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="xsessiond", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cmdline", help="boot options to use instead of $XENUBUNTU_OPTIONS or /proc/cmdline")
+    p.add_argument("--medium", type=Path, help="the medium's root (default: $XENUBUNTU_MEDIUM, "
+                   "xenubuntu.medium=, /cdrom, /run/live/medium)")
+    p.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR,
+                   help=f"guests' sockets and state (default {DEFAULT_RUNTIME_DIR})")
+    p.add_argument("--stop-guests-on-exit", action="store_true",
+                   help="stop every guest when the daemon exits (default: they keep running)")
+    p.add_argument("--no-polkit", action="store_true", help="do not ask polkit: only root may change anything")
+    p.add_argument("--no-udev", action="store_true", help="do not watch udev for medium and memory changes")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    args = p.parse_args(argv)
+    setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    args.runtime_dir.mkdir(parents=True, exist_ok=True)
+    config = DaemonConfig(cmdline=_read_cmdline(args), medium=args.medium.absolute() if args.medium else None,
+                          runtime_dir=args.runtime_dir.absolute(), stop_guests_on_exit=args.stop_guests_on_exit,
+                          use_polkit=not args.no_polkit, use_udev=not args.no_udev)
+    return Daemon(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
