@@ -92,3 +92,71 @@ def make_engine(runtime_dir: Path):
     yield make
     for e in engines:
         e.shutdown(stop_guests=True)
+
+
+# --- D-Bus: a private system-like bus, polkitd on it, xsessiond as its own process ----------
+
+@pytest.fixture
+def private_bus(tmp_path: Path) -> Iterator[str]:
+    """A dbus-daemon with the system bus's policy (ours and polkit's included); its address.
+
+    Its own log is kept with the test's artifacts on failure.
+    """
+    from .buslib import system_like_config
+
+    folder = tmp_path / "bus"
+    folder.mkdir()
+    config = system_like_config(folder)
+    log = open(folder / "dbus-daemon.log", "wb")  # closed below
+    bus = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+                           stdout=subprocess.PIPE, stderr=log)
+    try:
+        assert bus.stdout is not None
+        address = bus.stdout.readline().decode().strip()
+        assert address, "dbus-daemon printed no address"
+        yield address
+    finally:
+        bus.terminate()
+        bus.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def polkitd(private_bus: str, tmp_path: Path) -> Iterator[str]:
+    """The real polkitd on the private bus, knowing our actions and one test rule
+    (``buslib.HELPER_USER`` may manage sessions). Yields the bus address."""
+    from .buslib import polkit_command, wait_for_name
+
+    assert os.geteuid() == 0, "polkitd and setpriv need root"
+    log = open(tmp_path / "polkitd.log", "wb")  # closed below
+    proc = subprocess.Popen(polkit_command(tmp_path), stdout=log, stderr=log,
+                            env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=private_bus))
+    try:
+        wait_for_name(private_bus, "org.freedesktop.PolicyKit1")
+        yield private_bus
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def xsessiond(private_bus: str, runtime_dir: Path, medium: Path):
+    """Start xsessiond processes on the private bus; each is ended at teardown (SIGTERM,
+    guests stopped unless started with ``stop_guests=False``; those the next daemon adopts)."""
+    from .buslib import start_daemon
+
+    daemons = []
+
+    def start(cmdline: str = "xenubuntu.restore=off", *, medium_path: Path | None = None, stop_guests: bool = True,
+              wait: bool = True, extra: tuple[str, ...] = ()):
+        d = start_daemon(private_bus, runtime_dir, medium_path or medium, cmdline, stop_guests=stop_guests,
+                         extra=extra)
+        daemons.append(d)
+        if wait:
+            d.wait_ready()
+        return d
+
+    yield start
+    for d in daemons:
+        d.terminate()

@@ -1,0 +1,321 @@
+"""xsessiond on a private system-like bus, for real: its own process, real QEMU guests,
+the real polkitd, and clients we did not write (busctl, gdbus) as other processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from gi.repository import GLib
+
+from xsession.bus import introspection_xml
+
+from .buslib import (BUS_NAME, ERROR, HELPER_USER, MANAGER_IFACE, MANAGER_PATH, NOBODY, SESSION_IFACE, Client,
+                     busctl, ctl, gdbus)
+from .guestlib import ask, qemu_pids_under
+
+KUBUNTU = f"{MANAGER_PATH}/session/kubuntu"
+UBUNTU = f"{MANAGER_PATH}/session/ubuntu"
+
+
+@pytest.fixture
+def client(private_bus: str):
+    c = Client(private_bus)
+    yield c
+    c.close()
+
+
+def _members(xml: str) -> dict[str, set[str]]:
+    """interface -> its methods, properties and signals, from introspection data."""
+    out: dict[str, set[str]] = {}
+    for iface in ET.fromstring(xml).iter("interface"):
+        out[iface.get("name", "")] = {f"{m.tag}:{m.get('name')}" for m in iface
+                                      if m.tag in ("method", "property", "signal")}
+    return out
+
+
+def test_ready_and_what_busctl_and_gdbus_see(private_bus, xsessiond, client):
+    daemon = xsessiond("xenubuntu.restore=off xenubuntu.flavour=ubuntu")
+    assert any(n.startswith("STATUS=0 of 4 sessions running") for n in daemon.notes), daemon.notes
+
+    # introspection: exactly the interfaces of the installed XML file
+    published = _members(client.call(MANAGER_PATH, "org.freedesktop.DBus.Introspectable", "Introspect")[0])
+    published.update(_members(client.call(KUBUNTU, "org.freedesktop.DBus.Introspectable", "Introspect")[0]))
+    for iface, members in _members(introspection_xml()).items():
+        assert published[iface] == members, iface
+
+    intro = busctl(private_bus, "introspect", BUS_NAME, KUBUNTU)
+    assert intro.returncode == 0, intro.stderr
+    for member in (".Activate", ".Pause", ".Reset", ".State", ".Console", ".Progress"):
+        assert member in intro.stdout
+    tree = busctl(private_bus, "tree", BUS_NAME)
+    assert all(f"{MANAGER_PATH}/session/{n}" in tree.stdout for n in ("kubuntu", "ubuntu", "xubuntu", "server"))
+
+    got = busctl(private_bus, "get-property", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "DefaultFlavour",
+                 "RestorePolicy", "Backend")
+    assert got.stdout.split("\n")[:3] == ['s "ubuntu"', 's "off"', 's "qemu"'], got.stdout
+    medium = gdbus(private_bus, "call", "--dest", BUS_NAME, "--object-path", MANAGER_PATH, "--method",
+                   "org.freedesktop.DBus.Properties.Get", MANAGER_IFACE, "Medium")
+    assert "'available': <true>" in medium.stdout, medium.stdout + medium.stderr
+    objects = gdbus(private_bus, "call", "--dest", BUS_NAME, "--object-path", MANAGER_PATH, "--method",
+                    "org.freedesktop.DBus.ObjectManager.GetManagedObjects")
+    assert objects.stdout.count("'org.xenubuntu.Sessions1.Session'") == 4, objects.stdout
+    assert "'State': <'available'>" in objects.stdout
+
+    # a method call from busctl, the result seen by gdbus
+    listed = busctl(private_bus, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "GetSession", "s", "server")
+    assert listed.stdout.strip() == f'o "{MANAGER_PATH}/session/server"'
+    memory = client.prop(MANAGER_PATH, MANAGER_IFACE, "Memory")
+    assert memory["total_mib"] > 0 and memory["committed_mib"] == 0 and memory["reserve_mib"] > 0
+
+
+def test_activate_is_announced_with_batched_properties_changed(private_bus, xsessiond, client):
+    xsessiond()
+    monitor = subprocess.Popen(["gdbus", "monitor", "--address", private_bus, "--dest", BUS_NAME],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.5)  # gdbus monitor subscribes asynchronously
+        reply = busctl(private_bus, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "Activate", "sa{sv}",
+                       "ubuntu", "0")
+        assert reply.stdout.strip() == f'o "{UBUNTU}"', reply.stderr
+        client.wait_state("ubuntu", {"running"})
+        time.sleep(0.5)
+    finally:
+        monitor.terminate()
+        out, _ = monitor.communicate(timeout=10)
+    ubuntu = [line for line in out.splitlines() if line.startswith(UBUNTU) and "PropertiesChanged" in line]
+    states = [m.group(1) for line in ubuntu for m in [re.search(r"'State': <'(\w+)'>", line)] if m]
+    assert states[-1] == "running" and "restoring" in states, ubuntu
+    assert any("'Progress': <" in line for line in ubuntu)
+    # batched: queued and restoring happen in one call, so one signal carries the later
+    # state; progress comes at most ten times a second (a restore here takes ~0.3 s)
+    assert len(ubuntu) <= 12, ubuntu
+    manager = [line for line in out.splitlines() if line.startswith(f"{MANAGER_PATH}: ")
+               and "PropertiesChanged" in line]
+    assert any("'Memory'" in line for line in manager), "the memory plan follows the sessions"
+
+
+def test_an_unprivileged_caller_reads_but_every_change_is_refused(polkitd, xsessiond, client):
+    xsessiond()
+    client.activate("kubuntu")
+    client.wait_state("kubuntu", {"running"})
+    before = client.states()
+    default = client.prop(MANAGER_PATH, MANAGER_IFACE, "DefaultFlavour")
+
+    # reading is for everyone
+    assert busctl(polkitd, "get-property", BUS_NAME, KUBUNTU, SESSION_IFACE, "State",
+                  user=NOBODY).stdout.strip() == 's "running"'
+    listed = busctl(polkitd, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ListSessions", user=NOBODY)
+    assert listed.returncode == 0 and '"kubuntu"' in listed.stdout
+
+    calls = [
+        (MANAGER_PATH, MANAGER_IFACE, "Activate", "sa{sv}", "ubuntu", "0"),
+        (MANAGER_PATH, MANAGER_IFACE, "SetDefault", "s", "server"),
+        (UBUNTU, SESSION_IFACE, "Activate"),
+        (KUBUNTU, SESSION_IFACE, "Pause"),
+        (KUBUNTU, SESSION_IFACE, "Resume"),
+        (KUBUNTU, SESSION_IFACE, "Stop"),
+        (KUBUNTU, SESSION_IFACE, "Reset"),
+    ]
+    for path, iface, method, *args in calls:
+        refused = gdbus(polkitd, "call", "--dest", BUS_NAME, "--object-path", path, "--method",
+                        f"{iface}.{method}", *_gdbus_args(args), user=NOBODY)
+        assert refused.returncode != 0, (method, refused.stdout)
+        assert f"{ERROR}NotAuthorized" in refused.stderr, (method, refused.stderr)
+    refused = ctl(polkitd, "stop", "kubuntu", user=NOBODY)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("xsessionctl: stop kubuntu: not authorized: "), refused.stderr
+    assert client.states() == before
+    assert client.prop(MANAGER_PATH, MANAGER_IFACE, "DefaultFlavour") == default
+    assert len(qemu_pids_under(Path(client.session("kubuntu")["Console"]["serial"]).parents[2])) == 1
+
+    # polkit's yes gets through: the test rule lets one user manage, not administer
+    paused = busctl(polkitd, "call", BUS_NAME, KUBUNTU, SESSION_IFACE, "Pause", user=HELPER_USER)
+    assert paused.returncode == 0, paused.stderr
+    assert client.state("kubuntu") == "paused"
+    admin = gdbus(polkitd, "call", "--dest", BUS_NAME, "--object-path", MANAGER_PATH, "--method",
+                  f"{MANAGER_IFACE}.SetDefault", "server", user=HELPER_USER)
+    assert f"{ERROR}NotAuthorized" in admin.stderr and "authenticate" in admin.stderr, admin.stderr
+
+
+def _gdbus_args(args: list[str]) -> list[str]:
+    """busctl-style (signature, values) to gdbus's GVariant text."""
+    if not args:
+        return []
+    if args[0] == "sa{sv}":
+        return [args[1], "@a{sv} {}"]
+    return args[1:]
+
+
+def test_bad_arguments_get_the_named_error_and_change_nothing(private_bus, xsessiond, client):
+    xsessiond()
+    client.activate("kubuntu")
+    client.wait_state("kubuntu", {"running"})
+    before = client.states()
+
+    def activate(name: str, options: dict) -> str:
+        return client.error(MANAGER_PATH, MANAGER_IFACE, "Activate", GLib.Variant("(sa{sv})", (name, options)))
+
+    assert activate("debian", {}) == ERROR + "NoSuchFlavour"
+    assert client.error(MANAGER_PATH, MANAGER_IFACE, "GetSession", GLib.Variant("(s)", ("debian",))) \
+        == ERROR + "NoSuchFlavour"
+    assert client.error(MANAGER_PATH, MANAGER_IFACE, "SetDefault", GLib.Variant("(s)", ("debian",))) \
+        == ERROR + "NoSuchFlavour"
+    assert activate("ubuntu", {"turbo": GLib.Variant("b", True)}) == "org.freedesktop.DBus.Error.InvalidArgs"
+    assert activate("ubuntu", {"reset": GLib.Variant("i", 2)}) == "org.freedesktop.DBus.Error.InvalidArgs"
+    assert activate("ubuntu", {"reset": GLib.Variant("s", "yes")}) == "org.freedesktop.DBus.Error.InvalidArgs"
+    assert client.error(UBUNTU, SESSION_IFACE, "Pause") == ERROR + "InvalidState"
+    assert client.error(UBUNTU, SESSION_IFACE, "Resume") == ERROR + "InvalidState"
+    assert client.error(UBUNTU, SESSION_IFACE, "Stop") == ERROR + "InvalidState"
+    assert client.error(KUBUNTU, SESSION_IFACE, "Resume") == ERROR + "InvalidState"
+    # the wrong signature is refused by GDBus itself, before our code
+    wrong = busctl(private_bus, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "Activate", "s", "ubuntu")
+    assert wrong.returncode != 0
+    time.sleep(0.3)
+    assert client.states() == before
+
+
+def test_a_missing_medium_still_gives_a_daemon_that_says_why(private_bus, xsessiond, client, tmp_path):
+    empty = tmp_path / "no-medium"
+    empty.mkdir()
+    xsessiond(medium_path=empty)
+    warnings = client.prop(MANAGER_PATH, MANAGER_IFACE, "Warnings")
+    medium = client.prop(MANAGER_PATH, MANAGER_IFACE, "Medium")
+    assert medium["available"] is False and "no XenUbuntu medium" in medium["error"]
+    assert any("no XenUbuntu medium" in w for w in warnings)
+    assert client.call(MANAGER_PATH, MANAGER_IFACE, "ListSessions")[0] == []
+    assert client.error(MANAGER_PATH, MANAGER_IFACE, "Activate",
+                        GLib.Variant("(sa{sv})", ("ubuntu", {}))) == ERROR + "MediumUnavailable"
+    failed = ctl(private_bus, "activate", "ubuntu")
+    assert failed.returncode == 1 and "the medium is unavailable" in failed.stderr
+
+
+def test_a_broken_manifest_still_gives_a_daemon_that_says_why(xsessiond, client, medium):
+    manifest = medium / "xenubuntu/manifest.yaml"
+    text = manifest.read_text()
+    manifest.unlink()  # a hard link: replace, never modify in place
+    manifest.write_text(text.replace("memory_mib: 256", "memory_mib: lots", 1))
+    xsessiond()
+    medium_prop = client.prop(MANAGER_PATH, MANAGER_IFACE, "Medium")
+    assert medium_prop["available"] is False and "memory_mib" in medium_prop["error"]
+    assert client.error(MANAGER_PATH, MANAGER_IFACE, "GetSession", GLib.Variant("(s)", ("ubuntu",))) \
+        == ERROR + "MediumUnavailable"
+
+
+def _guest_pid(runtime_dir: Path, name: str) -> int:
+    return int(json.loads((runtime_dir / "sessions" / name / "guest.json").read_text())["pid"])
+
+
+def test_guests_survive_the_daemon_and_are_adopted(xsessiond, client, runtime_dir):
+    """SIGKILL while sessions run and one restores; a guest killed meanwhile is reported."""
+    first = xsessiond(stop_guests=False)
+    for name in ("kubuntu", "ubuntu", "server"):
+        client.activate(name)
+    for name in ("kubuntu", "ubuntu", "server"):
+        client.wait_state(name, {"running"})
+    counters = {n: int(ask(client.session(n)["Console"]["serial"], "PING before").rsplit("=", 1)[1])
+                for n in ("kubuntu", "ubuntu")}
+
+    # kill it while xubuntu restores: once its QEMU was started and is being fed
+    client.activate("xubuntu")
+    record = runtime_dir / "sessions/xubuntu/guest.json"
+    deadline = time.monotonic() + 30
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    first.proc.send_signal(signal.SIGSTOP)
+    cut_short = not (runtime_dir / "sessions/xubuntu/ran").exists()
+    first.kill()
+    # and while the manager is away, one guest dies
+    server_pid = _guest_pid(runtime_dir, "server")
+    os.kill(server_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = {n: _guest_pid(runtime_dir, n) for n in ("kubuntu", "ubuntu")}
+
+    second = xsessiond(stop_guests=False)
+    for name in ("kubuntu", "ubuntu"):
+        view = client.session(name)
+        assert view["State"] == "running" and view["StateReason"] == "adopted from the previous manager"
+        answer = ask(view["Console"]["serial"], "PING after")
+        assert f"flavour={name}" in answer and int(answer.rsplit("=", 1)[1]) >= counters[name]
+        assert _guest_pid(runtime_dir, name) == pids[name]
+    server = client.session("server")
+    assert server["State"] == "failed"
+    assert server["StateReason"] == "its hypervisor process ended while the manager was away"
+    client.wait_state("xubuntu", {"running"})
+    assert "flavour=xubuntu" in ask(client.session("xubuntu")["Console"]["serial"], "PING xubuntu")
+    if cut_short:  # the half-fed guest was discarded and the restore done again
+        assert "restoring again" in second.log_text()
+    assert len(qemu_pids_under(runtime_dir)) == 3
+
+    # SIGTERM too leaves the guests running, and a third daemon finds them
+    assert second.terminate() == 0
+    assert all(Path(f"/proc/{pid}").exists() for pid in pids.values())
+    xsessiond()
+    assert client.states() == {"kubuntu": "running", "ubuntu": "running", "xubuntu": "running",
+                               "server": "failed"}
+
+
+def test_xsessionctl(private_bus, xsessiond, client):
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")
+    watch = subprocess.Popen([sys.executable, "-m", "xsession.ctl", "--address", private_bus, "watch",
+                              "--timeout", "60"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.0)
+        listed = ctl(private_bus, "list")
+        assert listed.returncode == 0
+        assert re.search(r"^ubuntu\s+available\s+0%\s+256 MiB", listed.stdout, re.M), listed.stdout
+
+        activated = ctl(private_bus, "activate", "ubuntu")
+        assert activated.returncode == 0, activated.stderr
+        assert "ubuntu: restoring" in activated.stdout and "ubuntu: running" in activated.stdout
+        assert re.search(r"ubuntu: \[#+-*\]", activated.stdout), activated.stdout
+        assert "vnc+unix://" in activated.stdout
+
+        as_json = json.loads(ctl(private_bus, "--json", "list").stdout)
+        assert [s["Name"] for s in as_json] == ["kubuntu", "ubuntu", "xubuntu", "server"]
+        assert as_json[1]["State"] == "running" and as_json[1]["Progress"] == 1.0
+        status = json.loads(ctl(private_bus, "status", "ubuntu", "--json").stdout)
+        assert status["State"] == "running" and status["Console"]["vnc"].startswith("unix:")
+        manager = json.loads(ctl(private_bus, "--json", "status").stdout)
+        assert manager["DefaultFlavour"] == "kubuntu" and manager["RestorePolicy"] == "off"
+        console = ctl(private_bus, "console", "ubuntu")
+        assert console.returncode == 0 and console.stdout.startswith("vnc     unix:")
+        assert json.loads(ctl(private_bus, "console", "ubuntu", "--json").stdout)["serial"].endswith("serial.sock")
+
+        assert ctl(private_bus, "pause", "ubuntu").returncode == 0 and client.state("ubuntu") == "paused"
+        again = ctl(private_bus, "pause", "ubuntu")
+        assert again.returncode == 1
+        assert again.stderr.strip() == ("xsessionctl: pause ubuntu: not possible in the session's state: "
+                                        "cannot pause ubuntu while it is paused (allowed from: running)")
+        assert ctl(private_bus, "resume", "ubuntu").returncode == 0 and client.state("ubuntu") == "running"
+        assert ctl(private_bus, "set-default", "ubuntu").returncode == 0
+        assert client.prop(MANAGER_PATH, MANAGER_IFACE, "DefaultFlavour") == "ubuntu"
+        reset = ctl(private_bus, "reset", "ubuntu", "--quiet")
+        assert reset.returncode == 0, reset.stderr
+        assert client.state("ubuntu") == "running"
+        assert ctl(private_bus, "stop", "ubuntu").returncode == 0 and client.state("ubuntu") == "stopped"
+        gone = ctl(private_bus, "console", "ubuntu")
+        assert gone.returncode == 1 and "not running" in gone.stdout
+
+        unknown = ctl(private_bus, "activate", "debian")
+        assert unknown.returncode == 1 and unknown.stdout == ""
+        assert unknown.stderr.startswith("xsessionctl: activate debian: no such flavour: no flavour named 'debian'")
+        assert len(unknown.stderr.strip().splitlines()) == 1
+        assert ctl(private_bus, "bogus").returncode == 2
+        time.sleep(0.5)
+    finally:
+        watch.terminate()
+        out, _ = watch.communicate(timeout=10)
+    assert re.search(r"ubuntu\s+restoring", out) and re.search(r"ubuntu\s+running", out), out
+    assert re.search(r"ubuntu\s+paused", out) and re.search(r"ubuntu\s+stopped", out), out
