@@ -267,7 +267,7 @@ class SessionsService:
         self._registrations: list[int] = []
         self._session_regs: dict[str, int] = {}
         self._published: dict[str, dict[str, Any]] = {}   # path -> properties last announced
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, None] = {}   # ordered: signals follow the order of the events
         self._flush_id = 0
         self._last_progress: dict[str, float] = {}
         self._closed = False
@@ -351,8 +351,8 @@ class SessionsService:
 
     def _mark(self, path: str | None) -> bool:
         if path is not None:
-            self._dirty.add(path)
-        self._dirty.add(MANAGER_PATH)  # Memory and Warnings follow the sessions
+            self._dirty[path] = None
+        self._dirty[MANAGER_PATH] = None  # Memory and Warnings follow the sessions
         self._schedule_flush()
         return GLib.SOURCE_REMOVE
 
@@ -367,10 +367,10 @@ class SessionsService:
 
     def _flush(self) -> bool:
         self._flush_id = 0
-        dirty, self._dirty = self._dirty, set()
+        dirty, self._dirty = self._dirty, {}
         wait = 0.0
         now = time.monotonic()
-        for path in sorted(dirty):
+        for path in dirty:
             if path == MANAGER_PATH:
                 iface, props = MANAGER_IFACE, self.facts.manager_properties()
             else:
@@ -385,7 +385,7 @@ class SessionsService:
             if iface == SESSION_IFACE and set(changed) <= PROGRESS_PROPERTIES:
                 left = self._last_progress.get(path, 0.0) + PROGRESS_INTERVAL_S - now
                 if left > 0:
-                    self._dirty.add(path)
+                    self._dirty[path] = None
                     wait = max(wait, left)
                     continue
             if iface == SESSION_IFACE and set(changed) & PROGRESS_PROPERTIES:

@@ -36,6 +36,7 @@ PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 ACTION_TIMEOUT_MS = 5 * 60 * 1000
 READ_TIMEOUT_MS = 25_000
 BUSY_STATES = ("queued", "restoring", "booting")
+SETTLE_S = 1.0
 
 ERROR_MEANINGS = {
     "org.xenubuntu.Sessions1.Error.NoSuchFlavour": "no such flavour",
@@ -336,6 +337,21 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     def settled() -> bool:
         return all(st not in BUSY_STATES for st in states.values())
 
+    # the manager may queue the next restore just after one ends: settled means
+    # nothing busy for SETTLE_S
+    pending = {"id": 0}
+
+    def check_settled() -> bool:
+        pending["id"] = 0
+        if settled():
+            loop.quit()
+        return GLib.SOURCE_REMOVE
+
+    def arm() -> None:
+        if pending["id"]:
+            GLib.source_remove(pending["id"])
+        pending["id"] = GLib.timeout_add(int(SETTLE_S * 1000), check_settled)
+
     def on_change(name: str, changed: dict[str, Any]) -> None:
         if "State" in changed:
             states[name] = changed["State"]
@@ -349,14 +365,14 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
                 shown[name] = quarter
                 emit({"session": name, "progress": changed["Progress"]},
                      f"{name:<8} restoring {_bar(float(changed['Progress']), 20)}")
-        if args.until_settled and settled():
-            loop.quit()
+        if args.until_settled and "State" in changed:
+            arm()
 
     client.on_session_changes(on_change)
     if not args.json:
         print("  ".join(f"{n} {s}" for n, s in states.items()), flush=True)
-    if args.until_settled and settled():
-        return 0
+    if args.until_settled:
+        arm()
     def on_timeout() -> bool:
         loop.quit()
         return GLib.SOURCE_REMOVE
@@ -405,7 +421,7 @@ def _parser() -> argparse.ArgumentParser:
     add("console", cmd_console, "how to reach a session's display")
     w = add("watch", cmd_watch, "print state changes as they happen (Ctrl-C ends)", with_name=False)
     w.add_argument("--until-settled", action="store_true",
-                   help="end when no session is queued, restoring or booting")
+                   help=f"end when no session was queued, restoring or booting for {SETTLE_S:.0f} s")
     w.add_argument("--timeout", type=float, default=0.0, help="end after this many seconds")
     return p
 

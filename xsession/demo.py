@@ -1,29 +1,32 @@
-"""``xsession-demo``: the product's main job on the built-in demo medium.
+"""``xsession-demo``: the product's main job on the built-in demo medium, as a person sees it.
 
 Builds the demo flavours and masters the demo medium when needed (cached in
-``.cache/``), then runs the session manager on it as the boot would (default
-``kubuntu``, policy ``lazy``), printing every state change and restore's progress,
-and ends with every session running and its console address printed. The guests
-are stopped at the end (or on Ctrl-C) unless ``--hold`` keeps them until Ctrl-C.
+``.cache/``). Then it starts a private ``dbus-daemon`` whose policy is the
+system bus's (with the project's own bus policy included), runs ``xsessiond``
+on it as its own process, as the boot would (default ``kubuntu``, policy
+``lazy``), and follows it with ``xsessionctl watch`` and ``xsessionctl list``
+until every session runs, ending with their console addresses. Everything it
+started (the guests too) is stopped at the end or on Ctrl-C; ``--hold`` keeps
+the sessions until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .bootopts import parse_cmdline
-from .engine import Engine, SessionView, State
-from .errors import XSessionError
-from .hypervisor.qemu import QemuBackend
-from .manifest import MANIFEST_RELPATH, load_manifest
 from .mastering.master import load_spec, master_medium
+from .manifest import MANIFEST_RELPATH
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "demo"
@@ -44,31 +47,69 @@ def ensure_demo_medium(cache: Path = CACHE, report=print) -> Path:
     return medium
 
 
-class _Printer:
-    """Prints state changes and one progress line per restore."""
+UNITS = REPO / "units"
+BUS_NAME = "org.xenubuntu.Sessions1"
 
-    def __init__(self, t0: float):
-        self.t0 = t0
-        self.lock = threading.Lock()
-        self.shown: dict[str, int] = {}  # last quarter printed per session
 
-    def __call__(self, event: str, view: SessionView | None) -> None:
-        if view is None:
-            return
-        with self.lock:
-            stamp = f"[{time.monotonic() - self.t0:6.2f}s]"
-            if event == "state-changed":
-                self.shown.pop(view.name, None)
-                reason = f"  ({view.reason})" if view.reason else ""
-                print(f"{stamp} {view.name:<8} {view.state.value:<9}{reason}", flush=True)
-            elif event == "progress":
-                quarter = int(view.progress * 4)
-                if self.shown.get(view.name) == quarter:
-                    return
-                self.shown[view.name] = quarter
-                bar = "#" * int(view.progress * 20)
-                print(f"{stamp} {view.name:<8} restoring [{bar:<20}] {view.progress * 100:5.1f}% "
-                      f"{view.bytes_done / 1e6:.1f}/{view.bytes_total / 1e6:.1f} MB", flush=True)
+def system_bus_config(folder: Path) -> Path:
+    """A bus configuration like the system bus's (Debian's system.conf and its default
+    deny policy) that listens privately and includes our bus policy.
+
+    When not run as root, the caller's user may own the name too (on the real
+    system bus only root may).
+    """
+    tree = ET.parse("/usr/share/dbus-1/system.conf")
+    top = tree.getroot()
+    for tag in ("user", "fork", "pidfile", "syslog", "listen", "include", "includedir",
+                "standard_system_servicedirs", "servicehelper"):
+        for el in top.findall(tag):
+            top.remove(el)
+    ET.SubElement(top, "listen").text = f"unix:dir={folder}"
+    ET.SubElement(top, "include").text = str(UNITS / f"{BUS_NAME}.conf")
+    if os.geteuid() != 0:
+        policy = ET.SubElement(top, "policy", user=str(os.geteuid()))
+        ET.SubElement(policy, "allow", own=BUS_NAME)
+        ET.SubElement(policy, "allow", send_destination=BUS_NAME)
+    config = folder / "bus.conf"
+    tree.write(config)
+    return config
+
+
+def _ctl(address: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "xsession.ctl", "--address", address, *args]
+
+
+def _wait_ready(notify: socket.socket, daemon: subprocess.Popen[bytes], timeout: float) -> str:
+    """The daemon's STATUS once it sent READY=1 (systemd's notify protocol, as the unit uses it).
+
+    :raises RuntimeError: it exited or was not ready in time.
+    """
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"xsessiond exited with status {daemon.returncode}")
+        notify.settimeout(0.2)
+        try:
+            lines = notify.recv(4096).decode().splitlines()
+        except TimeoutError:
+            continue
+        status = next((line[7:] for line in lines if line.startswith("STATUS=")), status)
+        if "READY=1" in lines:
+            return status
+    raise RuntimeError(f"xsessiond was not ready within {timeout:.0f} s")
+
+
+def _end(proc: subprocess.Popen | None, timeout: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL if it does not go in time; idempotent."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,53 +120,69 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold", action="store_true", help="keep the sessions running until Ctrl-C")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
-        medium = args.medium or ensure_demo_medium()
-        manifest = load_manifest(medium / MANIFEST_RELPATH)
-    except (XSessionError, subprocess.CalledProcessError) as e:
+        medium = (args.medium or ensure_demo_medium()).resolve()
+    except subprocess.CalledProcessError as e:
         print(f"xsession-demo: {e}", file=sys.stderr)
         return 1
-    options = parse_cmdline(args.cmdline)
-    runtime = Path(tempfile.mkdtemp(prefix="xsd-"))  # short: unix socket paths
-    engine = Engine(manifest, QemuBackend(), runtime, options)
-    for w in engine.warnings:
-        print(f"warning: {w}")
-    print(f"medium {medium}: {', '.join(manifest.names)}; default {engine.default}, "
-          f"policy {options.restore.value}", flush=True)
-    t0 = time.monotonic()
-    engine.subscribe(_Printer(t0))
-    status = 0
+    work = Path(tempfile.mkdtemp(prefix="xsd-"))  # short: unix socket paths
+    runtime = work / "run"
+    bus: subprocess.Popen[bytes] | None = None
+    daemon: subprocess.Popen[bytes] | None = None
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # closed in finally
+    status = 1
     try:
-        engine.start()
-        deadline = time.monotonic() + args.timeout
-        while True:
-            engine.wait_idle(max(0.1, deadline - time.monotonic()))
-            views = engine.sessions()
-            settled = all(v.state in (State.RUNNING, State.PAUSED, State.FAILED, State.STOPPED) for v in views)
-            if settled or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        print(f"\nall sessions settled after {time.monotonic() - t0:.2f} s:")
-        print(f"{'session':<9} {'state':<9} {'how':<12} console")
-        for v in engine.sessions():
-            print(f"{v.name:<9} {v.state.value:<9} {v.origin:<12} {v.console.get('vnc', '-')}"
-                  f"  serial {v.console.get('serial', '-')}")
-            if v.state is not State.RUNNING:
-                status = 1
-                print(f"          reason: {v.reason}")
+        # the bus: its own log; the address it prints is all a client needs
+        with open(work / "dbus-daemon.log", "wb") as bus_log:
+            bus = subprocess.Popen(["dbus-daemon", f"--config-file={system_bus_config(work)}", "--nofork",
+                                    "--print-address"], stdout=subprocess.PIPE, stderr=bus_log)
+        assert bus.stdout is not None
+        address = bus.stdout.readline().decode().strip()
+        if not address:
+            raise RuntimeError("dbus-daemon did not start; see " + str(work / "dbus-daemon.log"))
+        print(f"private system bus: {address}")
+
+        notify.bind(str(work / "notify.sock"))
+        env = {k: v for k, v in os.environ.items() if k not in ("XENUBUNTU_OPTIONS", "XENUBUNTU_MEDIUM")}
+        env.update(DBUS_SYSTEM_BUS_ADDRESS=address, NOTIFY_SOCKET=str(work / "notify.sock"))
+        argv_d = [sys.executable, "-m", "xsession.daemon", "--medium", str(medium), "--runtime-dir", str(runtime),
+                  "--cmdline", args.cmdline, "--stop-guests-on-exit"]
+        print("$ xsessiond " + " ".join(argv_d[3:]) + f"    (log: {work / 'xsessiond.log'})")
+        t0 = time.monotonic()
+        with open(work / "xsessiond.log", "wb") as log:
+            daemon = subprocess.Popen(argv_d, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                      start_new_session=True)  # Ctrl-C is ours to hand on
+        ready = _wait_ready(notify, daemon, 60.0)
+        print(f"xsessiond ready after {time.monotonic() - t0:.2f} s: {ready}\n", flush=True)
+
+        print("$ xsessionctl watch --until-settled", flush=True)
+        watch = subprocess.run(_ctl(address, "watch", "--until-settled", "--timeout", str(args.timeout)))
+        print("\n$ xsessionctl list", flush=True)
+        subprocess.run(_ctl(address, "list"))
+        listed = subprocess.run(_ctl(address, "--json", "list"), capture_output=True, text=True)
+        sessions = json.loads(listed.stdout or "[]")
+        print("\nconsoles:")
+        for s in sessions:
+            vnc = s.get("Console", {}).get("vnc", "-")
+            print(f"  {s['Name']:<8} {s['State']:<8} {vnc}")
+        status = 0 if watch.returncode == 0 and sessions and all(s["State"] == "running" for s in sessions) else 1
         if args.hold:
-            print("\nsessions keep running; Ctrl-C stops them")
-            while True:
-                time.sleep(3600)
+            print(f"\nsessions keep running; try: .venv/bin/xsessionctl --address '{address}' list\n"
+                  "Ctrl-C stops everything", flush=True)
+            while daemon.poll() is None:
+                time.sleep(1)
     except KeyboardInterrupt:
         print("\ninterrupted")
+    except (RuntimeError, OSError) as e:
+        print(f"xsession-demo: {e}", file=sys.stderr)
     finally:
-        engine.shutdown(stop_guests=True)
-        import shutil
-        shutil.rmtree(runtime, ignore_errors=True)
-        print("all sessions stopped")
+        _end(daemon)  # --stop-guests-on-exit: it stops its guests before it exits
+        _end(bus)
+        notify.close()
+        shutil.rmtree(work, ignore_errors=True)
+        if daemon is not None:
+            print("xsessiond, its guests and the bus are stopped")
     return status
 
 
