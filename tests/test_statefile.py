@@ -1,0 +1,112 @@
+"""Statefile checks and the verified feed, on real zstd streams (no hypervisor needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from xsession.errors import MediumUnavailable, StatefileCorrupt
+from xsession.manifest import MachineConfig, Statefile
+from xsession.statefile import Feeder, precheck
+
+from .guestlib import damage
+
+PAYLOAD = os.urandom(1 << 20) + bytes(3 << 20)  # random and compressible parts
+
+
+def make_statefile(tmp_path: Path, compression: str = "zstd") -> tuple[Path, Statefile]:
+    raw = tmp_path / "state.raw"
+    raw.write_bytes(PAYLOAD)
+    if compression == "zstd":
+        path = tmp_path / "state.zst"
+        subprocess.run(["zstd", "-q", "--check", "-f", str(raw), "-o", str(path)], check=True)
+    else:
+        path = raw
+    data = path.read_bytes()
+    sf = Statefile(path=path.name, size=len(data), sha256=hashlib.sha256(data).hexdigest(), compression=compression,
+                   raw_size=len(PAYLOAD), saved_with=MachineConfig("pc-i440fx-7.2", 256))
+    return path, sf
+
+
+def feed(path: Path, sf: Statefile):
+    """Run a feeder into a pipe whose other end a thread drains, like a hypervisor would."""
+    r, w = os.pipe()
+    out = bytearray()
+
+    def drain():
+        with os.fdopen(r, "rb") as f:
+            while block := f.read(65536):
+                out.extend(block)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    seen = []
+    feeder = Feeder(path, sf, w, lambda d, total: seen.append((d, total)))
+    feeder.start()
+    result = feeder.result(30)
+    t.join(30)
+    return result, bytes(out), seen
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_a_good_statefile_is_fed_whole_and_verified(tmp_path, compression):
+    path, sf = make_statefile(tmp_path, compression)
+    precheck(path, sf, tmp_path)
+    result, out, seen = feed(path, sf)
+    assert result.problem is None and result.medium_error is None
+    assert result.sha256 == sf.sha256 and result.bytes_read == sf.size
+    assert out == PAYLOAD
+    assert seen[-1] == (sf.size, sf.size) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_prechecks(tmp_path):
+    path, sf = make_statefile(tmp_path)
+    with pytest.raises(MediumUnavailable, match="not mounted"):
+        precheck(path, sf, tmp_path / "gone")
+    damage(path, truncate_to=sf.size - 1)
+    with pytest.raises(StatefileCorrupt, match=f"truncated: {sf.size - 1} of {sf.size}"):
+        precheck(path, sf)
+    path.write_bytes(b"")
+    with pytest.raises(StatefileCorrupt, match="empty"):
+        precheck(path, sf)
+    path.write_bytes(b"x" * (sf.size + 5))
+    with pytest.raises(StatefileCorrupt, match="longer than recorded"):
+        precheck(path, sf)
+    path.write_bytes(b"x" * sf.size)
+    with pytest.raises(StatefileCorrupt, match="zstd frame header"):
+        precheck(path, sf)
+    path.unlink()
+    with pytest.raises(StatefileCorrupt, match="missing"):
+        precheck(path, sf)
+
+
+def test_flipped_bytes_are_reported_as_a_sha256_mismatch(tmp_path):
+    path, sf = make_statefile(tmp_path, "none")
+    damage(path, offset=4096, count=4)
+    result, _, _ = feed(path, sf)
+    assert result.problem is not None and "sha256 mismatch" in result.problem
+
+
+def test_a_corrupt_zstd_frame_is_reported_even_when_the_sha256_agrees(tmp_path):
+    path, sf = make_statefile(tmp_path)
+    damage(path, offset=sf.size // 2, count=32)
+    data = path.read_bytes()
+    sf = Statefile(sf.path, sf.size, hashlib.sha256(data).hexdigest(), "zstd", sf.raw_size, sf.saved_with)
+    result, _, _ = feed(path, sf)
+    assert result.problem is not None and result.problem.startswith("zstd rejected the stream"), result.problem
+
+
+def test_a_reader_that_goes_away_ends_the_feed_without_blaming_the_statefile(tmp_path):
+    path, sf = make_statefile(tmp_path)
+    r, w = os.pipe()
+    os.close(r)  # the hypervisor died before reading anything
+    feeder = Feeder(path, sf, w)
+    feeder.start()
+    result = feeder.result(30)
+    assert result.reader_gone and result.problem is None
+    assert result.sha256 == sf.sha256  # the whole file was still checked
