@@ -374,11 +374,9 @@ class XenBackend:
             xl.restore(f"/proc/self/fd/{read_fd}", config, paused=True, pass_fds=(read_fd,), timeout=timeout,
                        xl=self.xl)
         except xl.XlError as e:
-            os.close(read_fd)
-            feeder.cancel()
-            feeder.join(30)
+            os.close(read_fd)  # the feeder keeps hashing to the end: its verdict says whom to blame
             self._destroy_quietly(flavour.name)
-            self._raise_if_image_bad(path, sf.sha256, feeder)
+            self._raise_if_image_bad(path, sf.sha256, feeder, timeout)
             raise HypervisorError(f"restore {flavour.name}", f"xl restore failed: {e.why}", e.stderr) from e
         except BaseException:
             os.close(read_fd)
@@ -405,18 +403,22 @@ class XenBackend:
         return guest
 
     @staticmethod
-    def _raise_if_image_bad(path: Path, sha256: str, feeder: Feeder) -> None:
-        """After xl failed: blame the image if the feed or a full re-hash says it is bad.
+    def _raise_if_image_bad(path: Path, sha256: str, feeder: Feeder, timeout: float) -> None:
+        """After xl failed: blame the image if the feed (or, failing that, a re-hash) says it is bad.
 
         :raises StatefileCorrupt: the image is not the one the manifest describes.
         :raises MediumUnavailable: it cannot be read to tell.
         """
         try:
-            result = feeder.result(1.0)
+            result = feeder.result(timeout)
         except TimeoutError:
             result = None
-        if result is not None and result.problem and result.problem.startswith("zstd rejected"):
-            raise StatefileCorrupt(str(path), result.problem)
+        if result is not None:
+            if result.medium_error is not None:
+                raise MediumUnavailable(str(path), f"reading the statefile failed: {result.medium_error}")
+            if result.problem is not None:
+                raise StatefileCorrupt(str(path), result.problem)
+            return
         try:
             digest = sha256_of(path)
         except OSError as e:

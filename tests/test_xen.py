@@ -1,0 +1,112 @@
+"""The Xen backend against a real Xen: Debian's Xen 4.17 and a dom0 booted in QEMU (TCG).
+
+One boot of the test host for the whole module (tests/xen/run_scenario.py runs
+tests/xen/scenario_backend.py in dom0): it masters a medium with two flavours
+(alpha: PV, beta: PVH), restores them through the backend in priority order,
+checks memory, ballooning, adoption and a domain destroyed behind the
+manager's back, then damages one image of each kind and cold-boots. Each test
+below checks one ``@@RESULT`` of that run; the serial log of the run is in
+tests/artifacts/xen-scenario_backend.log.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "xen"))
+from run_scenario import ScenarioRun, run_scenario  # noqa: E402
+
+SCENARIO = Path(__file__).parent / "xen" / "scenario_backend.py"
+
+
+@pytest.fixture(scope="module")
+def run() -> ScenarioRun:
+    return run_scenario(SCENARIO, timeout=900)
+
+
+def result(run: ScenarioRun, name: str) -> dict:
+    r = run.result(name)
+    assert r["ok"], f"{name} failed in dom0: {r} (log: {run.log})"
+    return r
+
+
+def test_scenario_ran_to_the_end(run):
+    assert run.exit_code == 0, run.log
+    assert result(run, "end")["domains_left"] == []
+
+
+def test_master_two_flavours(run):
+    r = result(run, "master")
+    assert r["default"] == "alpha"
+    fl = r["flavours"]
+    assert (fl["alpha"]["type"], fl["beta"]["type"]) == ("pv", "pvh")
+    for f in fl.values():
+        assert f["backend"] == "xen" and f["path"].endswith(".xl.zst")
+        assert f["raw_size"] > 96 << 20 > f["size"] > 0  # the whole RAM is in the image; zstd shrinks it
+    assert r["domains_left"] == []  # xl save ended the mastering domains
+
+
+def test_restore_in_priority_order(run):
+    assert result(run, "restore-alpha")["order"] == 0
+    assert result(run, "restore-beta")["order"] == 1
+
+
+@pytest.mark.parametrize("name", ["alpha", "beta"])
+def test_restored_guest_goes_on_counting(run, name):
+    r = result(run, f"restore-{name}")
+    assert r["first_counter"][0] == r["expected"], r
+    assert r["first_counter"] == list(range(r["expected"], r["expected"] + 3))
+    assert "p" not in r["state"]  # unpaused after the checks
+
+
+@pytest.mark.parametrize("name", ["alpha", "beta"])
+def test_restore_reports_progress(run, name):
+    r = result(run, f"restore-{name}")
+    size = result(run, "master")["flavours"][name]["size"]
+    assert r["progress_last"] == [size, size] and r["progress_calls"] > 1
+
+
+def test_memory_agrees_with_xl_info(run):
+    r = result(run, "memory")
+    assert r["host_memory"] == r["xl_info"]
+    assert r["target_mib"]["alpha"] == r["target_mib"]["beta"] == 96
+    assert r["list_mem"]["alpha"] == r["list_mem"]["beta"] == 96
+    assert (r["types"]["alpha"], r["types"]["beta"]) == ("pv", "pvh")
+    for name in ("alpha", "beta"):
+        rr = result(run, f"restore-{name}")
+        # what the restore took from Xen's free memory is the guest plus at most our overhead estimate
+        assert 0 <= rr["overhead_measured"] <= rr["overhead_estimate"], rr
+
+
+def test_balloon_dom0(run):
+    r = result(run, "balloon")
+    assert r["free_after"] - r["free_before"] >= 60
+    assert abs(r["dom0_target_after"] - r["target"]) <= 1
+
+
+def test_adopt_running_domain(run):
+    r = result(run, "adopt")
+    assert r["domid"] == result(run, "restore-alpha")["domid"] and r["missing_is_none"]
+
+
+def test_domain_destroyed_behind_our_back_is_reported(run):
+    r = result(run, "destroyed-behind-back")
+    assert len(r["reason"]) == 1 and "beta" in r["reason"][0] and "destroyed outside" in r["reason"][0]
+    assert r["stop_reported"] == []  # a stop the manager asked for is no surprise
+
+
+def test_corrupted_image_detected_then_cold_boot(run):
+    r = result(run, "corrupt-alpha")
+    assert "alpha/state.xl.zst is unusable" in r["error"]
+    assert r["domains_left"] == []  # the paused domain was destroyed
+    assert r["cold_counters"][:2] == [1, 2] and r["console"] == "xl console"
+
+
+def test_truncated_image_detected_then_cold_boot(run):
+    r = result(run, "truncated-beta")
+    assert "beta/state.xl.zst is unusable" in r["error"] and "truncated" in r["error"]
+    assert r["domains_left"] == []
+    assert r["cold_counters"][:2] == [1, 2] and r["console"] == "xenconsoled log"

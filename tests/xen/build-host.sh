@@ -1,0 +1,112 @@
+#!/bin/bash
+# Build the Xen test host from Debian 12's packages: Xen 4.17, a dom0 kernel
+# and a dom0 initramfs that runs the xl toolstack and Python 3 with the Debian
+# packages xsession needs, plus the tiny test guest (kernel + busybox initramfs).
+#
+# Nothing is installed on this machine: the packages are fetched with
+# `apt-get download` and unpacked. The result is cached in
+# .cache/xen/host-KEY/, KEY being a hash of the package versions and of the
+# files that go into the images, so a second run costs nothing.
+# Prints the folder of the images on its last line:
+#   xen              the hypervisor, gunzipped (QEMU's multiboot loader needs the ELF)
+#   vmlinuz          Debian's kernel, for dom0 and for the guests
+#   dom0.cpio.gz     dom0's initramfs (its /init is tests/xen/dom0-init)
+#   guest.cpio.gz    the test guest's initramfs (its /init is tests/xen/guest-init)
+# The C libraries are taken from this (Debian 12) machine through ldd.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CACHE=${XEN_CACHE:-$ROOT/.cache/xen}
+mkdir -p "$CACHE/debs"
+
+candidate() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p'; }
+if [ -z "$(candidate xen-hypervisor-4.17-amd64)" ] || [ "$(candidate xen-hypervisor-4.17-amd64)" = "(none)" ]; then
+  apt-get update -q >&2
+fi
+# the newest 6.1 kernel ABI the archive carries (older ones leave the mirror)
+KVER=${KVER:-$(apt-cache search '^linux-image-6\.1\.0-[0-9]+-amd64$' | cut -d' ' -f1 | sort -V | tail -n 1 | sed 's/^linux-image-//')}
+[ -n "$KVER" ] || { echo "build-host: no linux-image-6.1.0-N-amd64 in the apt lists" >&2; exit 1; }
+
+PKGS=(
+  xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils
+  libxencall1 libxendevicemodel1 libxenevtchn1 libxenforeignmemory1 libxengnttab1
+  libxenhypfs1 libxenmisc4.17 libxenstore4 libxentoolcore1 libxentoollog1 libyajl2
+  "linux-image-$KVER" busybox-static zstd libzstd1
+  python3.11-minimal libpython3.11-minimal libpython3.11-stdlib python3-yaml libyaml-0-2
+)
+versions=$(for p in "${PKGS[@]}"; do echo "$p=$(candidate "$p")"; done)
+KEY=$( { echo "$versions"; cat "$HERE/build-host.sh" "$HERE/dom0-init" "$HERE/guest-init"; } | sha256sum | cut -c1-16)
+OUT=$CACHE/host-$KEY
+if [ -s "$OUT/dom0.cpio.gz" ] && [ -s "$OUT/guest.cpio.gz" ]; then echo "$OUT"; exit 0; fi
+
+( cd "$CACHE/debs" && apt-get download "${PKGS[@]}" >&2 2> >(grep -v 'unsandboxed' >&2) )
+TMP=$(mktemp -d "$CACHE/build.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+X=$TMP/extract R=$TMP/dom0 G=$TMP/guest B=$TMP/out
+mkdir -p "$X" "$B"
+for p in "${PKGS[@]}"; do
+  v=$(candidate "$p"); v=${v/:/%3a}     # the epoch is written %3a in file names
+  f=$(ls "$CACHE/debs/${p}_${v}"_*.deb 2>/dev/null | head -n 1)
+  [ -n "$f" ] || { echo "build-host: $p $v was not downloaded" >&2; exit 1; }
+  case $p in
+    linux-image-*) dpkg-deb --fsys-tarfile "$f" |
+                   tar -x -C "$X" "./boot/vmlinuz-$KVER" "./lib/modules/$KVER/kernel/drivers/xen" ;;
+    *)             dpkg-deb -x "$f" "$X" ;;
+  esac
+done
+BB=$X/bin/busybox
+zcat "$X/boot/xen-4.17-amd64.gz" > "$B/xen"
+cp "$X/boot/vmlinuz-$KVER" "$B/vmlinuz"
+mkcpio() { (cd "$1" && find . | "$BB" cpio -o -H newc 2>/dev/null | gzip -1) > "$2"; }
+
+# --- the guest: busybox and an /init that prints a ready line and a counter
+mkdir -p "$G"/{bin,dev,proc,sys}
+cp "$BB" "$G/bin/busybox"
+for a in sh cat cut sleep mount echo; do ln -s busybox "$G/bin/$a"; done
+install -m 755 "$HERE/guest-init" "$G/init"
+mkcpio "$G" "$B/guest.cpio.gz"
+
+# --- dom0
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,lib/modules,lib64,dev,proc,sys,tmp,run/xen,run/xenstored,etc/xen}
+mkdir -p "$R"/var/{lib/xen,lib/xenstored,log/xen/console,lock}
+ln -s ../run "$R/var/run"
+cp "$BB" "$R/bin/busybox"
+for a in $("$BB" --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
+# Xen userland in Debian's layout: libxl runs helpers from /usr/lib/xen-4.17/bin
+mkdir -p "$R/usr/lib/xen-4.17" "$R/usr/lib/x86_64-linux-gnu"
+cp -a "$X/usr/lib/xen-4.17/bin" "$X/usr/lib/xen-4.17/boot" "$R/usr/lib/xen-4.17/"
+cp -a "$X"/usr/lib/x86_64-linux-gnu/{libxen,libxl,libyajl,libyaml,libzstd}* "$R/usr/lib/x86_64-linux-gnu/"
+cp -a "$X"/usr/bin/xenstore* "$X/usr/bin/zstd" "$R/usr/bin/"
+cp -a "$X/etc/xen/." "$R/etc/xen/"
+# Python from Debian's packages, in Debian's layout (site.py adds dist-packages)
+cp -a "$X/usr/bin/python3.11" "$R/usr/bin/"
+ln -s python3.11 "$R/usr/bin/python3"
+mkdir -p "$R/usr/lib/python3/dist-packages"
+cp -a "$X/usr/lib/python3.11" "$R/usr/lib/"
+cp -a "$X/usr/lib/python3/dist-packages/." "$R/usr/lib/python3/dist-packages/"
+rm -rf "$R/usr/lib/python3.11/test" "$R"/usr/lib/python3.11/lib-dynload/_test*
+# the shared libraries of all that (libc, libz, libexpat, libssl, ...) from this machine
+{ for b in "$R"/usr/lib/xen-4.17/bin/* "$R"/usr/bin/* "$R"/usr/lib/python3.11/lib-dynload/*.so \
+           "$R"/usr/lib/python3/dist-packages/*.so "$R"/usr/lib/python3/dist-packages/*/*.so; do
+    [ -f "$b" ] || continue
+    LD_LIBRARY_PATH=$X/usr/lib/x86_64-linux-gnu ldd "$b" 2>/dev/null || true
+  done; } | sed -n 's/.*=> \(\/.*\) (0x[0-9a-f]*)$/\1/p; s/^\t\(\/[^ ]*\) (0x[0-9a-f]*)$/\1/p' |
+sort -u | while read -r lib; do
+  case "$lib" in "$X"/*) continue ;; esac
+  [ -e "$R$lib" ] || { mkdir -p "$R$(dirname "$lib")" && cp -L "$lib" "$R$lib"; }
+done
+# glibc dlopen()s libgcc_s for pthread_cancel; ldd does not list it, and xl
+# aborts with "libgcc_s.so.1 must be installed for pthread_cancel to work"
+cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$R/lib/x86_64-linux-gnu/"
+# Debian's kernel builds the Xen drivers dom0 needs as modules
+for m in xen-privcmd xenfs/xenfs xen-evtchn xen-gntdev xen-gntalloc; do
+  cp "$X/lib/modules/$KVER/kernel/drivers/xen/$m.ko" "$R/lib/modules/"
+done
+# dom0 keeps its fixed size: xl must not balloon it down on its own
+echo 'autoballoon = "off"' > "$R/etc/xen/xl.conf"
+install -m 755 "$HERE/dom0-init" "$R/init"
+echo "$versions" > "$R/etc/xen-test-host-versions"
+mkcpio "$R" "$B/dom0.cpio.gz"
+echo "$versions" > "$B/versions"
+rm -rf "$OUT" && mv "$B" "$OUT"
+echo "$OUT"
