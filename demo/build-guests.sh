@@ -13,7 +13,13 @@ mkdir -p "$OUT/debs"
 OUT=$(cd "$OUT" && pwd)
 
 # The kernel ABI that Debian's linux-image-amd64 points at today.
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)
+kernel_package() {
+  apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1
+}
+KPKG=$(kernel_package)
+if [ -z "$KPKG" ] && ! ls "$OUT"/debs/linux-image-*-amd64_*.deb >/dev/null 2>&1; then
+  apt-get update -q >&2 && KPKG=$(kernel_package)   # a machine whose package lists were never fetched
+fi
 if [ -z "$KPKG" ]; then
   KPKG=$(ls "$OUT"/debs/linux-image-*-amd64_*.deb 2>/dev/null | head -n1 | xargs -r basename | cut -d_ -f1)
 fi
