@@ -13,6 +13,7 @@ the sessions until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -35,15 +36,22 @@ BOOT_CMDLINE = "xenubuntu.flavour=kubuntu xenubuntu.restore=lazy"
 
 
 def ensure_demo_medium(cache: Path = CACHE, report=print) -> Path:
-    """The demo medium's root, built (once) from Debian's packages and demo/flavours.yaml."""
+    """The demo medium's root, built (once) from Debian's packages and demo/flavours.yaml.
+
+    Several processes may ask at once (parallel test runs): a lock file makes one
+    of them build while the others wait.
+    """
     guests = cache / "guests"
     medium = cache / "medium"
-    subprocess.run([str(DEMO / "build-guests.sh"), str(guests)], check=True)
-    manifest = medium / MANIFEST_RELPATH
-    inputs = [DEMO / "flavours.yaml", guests / "vmlinuz", *guests.glob("initrd-*.cpio")]
-    if not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs):
-        report("mastering the demo medium (each flavour boots once and is saved) ...")
-        master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium, report=lambda l: report("  " + l))
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "medium.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        subprocess.run([str(DEMO / "build-guests.sh"), str(guests)], check=True)
+        manifest = medium / MANIFEST_RELPATH
+        inputs = [DEMO / "flavours.yaml", guests / "vmlinuz", *guests.glob("initrd-*.cpio")]
+        if not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs):
+            report("mastering the demo medium (each flavour boots once and is saved) ...")
+            master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium, report=lambda l: report("  " + l))
     return medium
 
 
