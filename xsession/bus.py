@@ -342,17 +342,19 @@ class SessionsService:
     # -- change signals ----------------------------------------------------------------
     def _on_engine_event(self, event: str, view: SessionView | None) -> None:
         """Engine thread: hand the news to the main loop."""
-        GLib.idle_add(self._mark, session_path(view.name) if view is not None else None,
-                      priority=GLib.PRIORITY_DEFAULT)
+        path = session_path(view.name) if view is not None else None
+        # progress moves no memory: the manager's facts are looked at again only on a change of state
+        GLib.idle_add(self._mark, path, event != "progress", priority=GLib.PRIORITY_DEFAULT)
 
     def manager_changed(self) -> None:
         """Any thread: the manager's facts (medium, warnings, ...) changed."""
-        GLib.idle_add(self._mark, None, priority=GLib.PRIORITY_DEFAULT)
+        GLib.idle_add(self._mark, None, True, priority=GLib.PRIORITY_DEFAULT)
 
-    def _mark(self, path: str | None) -> bool:
+    def _mark(self, path: str | None, manager: bool) -> bool:
         if path is not None:
             self._dirty[path] = None
-        self._dirty[MANAGER_PATH] = None  # Memory and Warnings follow the sessions
+        if manager:  # Memory and Warnings follow the sessions' states
+            self._dirty[MANAGER_PATH] = None
         self._schedule_flush()
         return GLib.SOURCE_REMOVE
 

@@ -110,6 +110,7 @@ class Daemon:
         self.loop = GLib.MainLoop()
         self._monitor: Any = None
         self._status = ""
+        self._notify_failed = False
 
     # -- start-up --------------------------------------------------------------------
     def _read_medium(self) -> None:
@@ -233,7 +234,8 @@ class Daemon:
             from systemd import daemon as sd
             sd.notify(text)
         except Exception as e:  # readiness is systemd's business; never fatal here
-            log.warning("sd_notify failed: %s", e)
+            log.log(logging.DEBUG if self._notify_failed else logging.WARNING, "sd_notify failed: %s", e)
+            self._notify_failed = True
 
     def _status_line(self) -> str:
         if self.engine is None:
