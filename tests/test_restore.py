@@ -192,6 +192,7 @@ def test_pause_resume_stop_and_reset(manifest, make_engine):
     engine.activate("xubuntu")
     view = engine.wait_state("xubuntu", SETTLED, 60)
     first = int(ask(view.console["serial"], "PING a").rsplit("counter=", 1)[1])
+    wait_for(view.console["log"], b"COUNTER", timeout=15)
     engine.pause("xubuntu")
     assert engine.session("xubuntu").state is State.PAUSED
     before = counters(read_log(view.console["log"]))

@@ -10,6 +10,7 @@ the callback must only record or hand off (the daemon uses ``GLib.idle_add``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -23,6 +24,10 @@ from ..errors import HypervisorError
 __all__ = ["QMP", "QMPError"]
 
 T = TypeVar("T")
+
+# qemu.qmp logs every failed handshake with a traceback; each failure here becomes
+# a HypervisorError carrying its reason, so its own log would only repeat it.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 EventCallback = Callable[[str, dict[str, Any]], None]
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -76,6 +81,10 @@ class QMP:
                     break
                 except (QMPError, OSError, TimeoutError) as e:
                     last = e
+                    try:
+                        _run(self._client.disconnect(), 2.0)  # frees the failed attempt's tasks
+                    except Exception:
+                        pass
                     self._client = QMPClient(self.name)
             time.sleep(0.005)
         else:
