@@ -39,7 +39,13 @@ KEY=$( { echo "$versions"; cat "$HERE/build-host.sh" "$HERE/dom0-init" "$HERE/gu
 OUT=$CACHE/host-$KEY
 if [ -s "$OUT/dom0.cpio.gz" ] && [ -s "$OUT/guest.cpio.gz" ]; then echo "$OUT"; exit 0; fi
 
-( cd "$CACHE/debs" && apt-get download "${PKGS[@]}" >&2 2> >(grep -v 'unsandboxed' >&2) )
+download() { ( cd "$CACHE/debs" && apt-get download "${PKGS[@]}" >&2 2> >(grep -v 'unsandboxed' >&2) ); }
+# stale apt lists name versions the mirror no longer has: refresh once and try again
+if ! download; then
+  [ -z "${XEN_APT_UPDATED:-}" ] || { echo "build-host: apt-get download failed" >&2; exit 1; }
+  apt-get update -q >&2
+  XEN_APT_UPDATED=1 exec "$0" "$@"
+fi
 TMP=$(mktemp -d "$CACHE/build.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 X=$TMP/extract R=$TMP/dom0 G=$TMP/guest B=$TMP/out
