@@ -261,3 +261,42 @@ def test_shutdown_leaves_no_process_behind(manifest, make_engine, runtime_dir):
     engine.shutdown(stop_guests=True)  # while others may still restore
     assert qemu_pids_under(runtime_dir) == []
     assert all(v.state is not State.RUNNING for v in engine.sessions())
+
+
+def test_a_kvm_statefile_on_a_host_where_kvm_does_not_work_cold_boots_under_tcg(medium, make_engine):
+    """KVM is used only where a probe boot shows it works (a nested module can open
+    /dev/kvm and still never boot a kernel)."""
+    def edit(data):
+        for f in data["flavours"]:
+            if f["name"] == "server":
+                f["machine"]["accel"] = "kvm"
+                f["statefile"]["saved_with"]["accel"] = "kvm"
+    _rewrite_manifest(medium, edit)
+    engine = make_engine(load_manifest(medium / MANIFEST_RELPATH), "xenubuntu.restore=off")
+    engine.activate("server")
+    view = engine.wait_state("server", SETTLED, 180)
+    assert view.state is State.RUNNING, view.reason
+    if not engine.backend.kvm_usable(engine.manifest.flavour("server"), engine.manifest):
+        assert view.origin == "cold-booted" and "KVM cannot run a guest on this host" in view.reason
+        assert "tb-size" in " ".join(_argv_of(view)), "the cold boot must fall back to TCG"
+    assert "PONG" in ask(view.console["serial"], "PING kvm")
+
+
+def _argv_of(view) -> list[str]:
+    import json
+    return json.loads((Path(view.console["serial"]).parent / "guest.json").read_text())["argv"]
+
+
+@pytest.mark.kvm
+def test_a_flavour_mastered_under_kvm_restores_under_kvm(tmp_path, runtime_dir):
+    from xsession.demo import CACHE, DEMO
+    from xsession.mastering.master import load_spec, master_medium
+    spec = load_spec(DEMO / "flavours.yaml")
+    spec = type(spec)(default="server", flavours=tuple(f for f in spec.flavours if f.name == "server"),
+                      kernel=spec.kernel, cmdline=spec.cmdline, disk_mib=spec.disk_mib)
+    manifest = master_medium(spec, CACHE / "guests", tmp_path / "kvm-medium", accel="kvm", report=lambda l: None)
+    guest = QemuBackend().restore(manifest.flavour("server"), manifest, runtime_dir / "server", lambda d, t: None)
+    try:
+        assert "flavour=server" in ask(guest.console["serial"], "PING kvm")
+    finally:
+        guest.stop()

@@ -24,8 +24,10 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -264,7 +266,7 @@ def _wait_foreign(pid: int) -> int | None:
     return None
 
 
-def probe_kvm(flavour: Flavour, manifest: Manifest, workdir: Path, timeout: float = 15.0) -> bool:
+def probe_kvm(flavour: Flavour, manifest: Manifest, workdir: Path, timeout: float = 10.0) -> bool:
     """Whether KVM can really boot a standard kernel here.
 
     ``/dev/kvm`` can belong to a nested-virtualization module that opens fine but
@@ -313,6 +315,24 @@ class QemuBackend:
 
     def __init__(self, binary: str = QEMU_BINARY):
         self.binary = binary
+        self._kvm: bool | None = None  # probed once, on first need
+        self._kvm_lock = threading.Lock()
+
+    def kvm_usable(self, flavour: Flavour, manifest: Manifest) -> bool:
+        """Whether KVM really boots a guest here (probed once with this flavour's kernel)."""
+        with self._kvm_lock:
+            if self._kvm is None:
+                workdir = Path(tempfile.mkdtemp(prefix="xs-kvm-"))
+                try:
+                    self._kvm = probe_kvm(flavour, manifest, workdir)
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            return self._kvm
+
+    def _accel_for(self, flavour: Flavour, manifest: Manifest) -> str:
+        if flavour.machine.accel == "kvm" and not self.kvm_usable(flavour, manifest):
+            return "tcg"
+        return flavour.machine.accel
 
     # -- memory ----------------------------------------------------------------
     def host_memory(self) -> HostMemory:
@@ -370,6 +390,10 @@ class QemuBackend:
             raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
         path = manifest.resolve(sf.path)
         precheck(path, sf, manifest.root)
+        if self._accel_for(flavour, manifest) != flavour.machine.accel:
+            # a KVM stream does not load under TCG: the guest must cold-boot
+            raise HypervisorError(f"restore {flavour.name}",
+                                  "the statefile was saved under KVM, and KVM cannot run a guest on this host")
         disk = self._prepare(flavour, manifest, rundir)
         deadline = time.monotonic() + RESTORE_BASE_TIMEOUT_S + sf.size / RESTORE_BYTES_PER_S
         read_fd, write_fd = os.pipe()
@@ -445,6 +469,7 @@ class QemuBackend:
             if not manifest.resolve(rel).is_file():
                 raise MediumUnavailable(str(manifest.resolve(rel)), "needed for a cold boot but missing")
         disk = self._prepare(flavour, manifest, rundir)
+        accel = accel or self._accel_for(flavour, manifest)
         guest = self._launch(flavour, manifest, rundir, disk, accel=accel, mode="boot")
         try:
             guest.connect(10.0)

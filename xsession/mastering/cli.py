@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import XSessionError
-from .master import load_spec, master_medium
+from .master import load_spec, master_medium, resolve_accel
 
 
 def _memory(text: str) -> tuple[str, int]:
@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spec", type=Path, help="mastering spec (YAML), e.g. demo/flavours.yaml")
     p.add_argument("--guests", type=Path, required=True, help="folder with the kernel and initrds the spec names")
     p.add_argument("--out", type=Path, required=True, help="the medium's root folder")
-    p.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
-                   help="accelerator the flavours are saved under (a restore must use the same)")
+    p.add_argument("--accel", choices=("tcg", "kvm", "auto"), default="tcg",
+                   help="accelerator the flavours are saved under (a restore must use the same); "
+                        "auto: kvm where a probe boot shows it works, else tcg")
     p.add_argument("--jobs", type=int, default=2, help="flavours booted at once")
     p.add_argument("--settle", type=float, default=1.0, help="seconds a flavour idles at its desktop before saving")
     p.add_argument("--memory", type=_memory, action="append", default=[], metavar="NAME=MiB",
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec, dict(args.memory))
-        master_medium(spec, args.guests, args.out, accel=args.accel, jobs=args.jobs, settle_s=args.settle,
+        accel = resolve_accel(args.accel, spec, args.guests)
+        master_medium(spec, args.guests, args.out, accel=accel, jobs=args.jobs, settle_s=args.settle,
                       report=lambda line: print(line, flush=True))
     except XSessionError as e:
         print(f"xsession-master: {e}", file=sys.stderr)

@@ -120,6 +120,23 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
     return replace(flavour, statefile=sf)
 
 
+def resolve_accel(accel: str, spec: MediumSpec, guests: Path) -> str:
+    """``auto`` becomes ``kvm`` when a probe boot of the first flavour works, else ``tcg``."""
+    if accel != "auto":
+        return accel
+    first = _flavour_entry(spec.flavours[0], spec, "kvm")
+    work = Path(tempfile.mkdtemp(prefix="xsm-probe-"))
+    try:
+        (work / "pool").mkdir()
+        shutil.copyfile(guests / spec.kernel, work / "pool" / "vmlinuz")
+        (work / "flavours" / first.name).mkdir(parents=True)
+        shutil.copyfile(guests / spec.flavours[0].initrd, work / "flavours" / first.name / "initrd.cpio")
+        manifest = Manifest(path=str(work / "manifest.yaml"), default=first.name, flavours=(first,))
+        return "kvm" if QemuBackend().kvm_usable(first, manifest) else "tcg"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tcg", jobs: int = 2,
                   settle_s: float = 1.0, report: Report = print) -> Manifest:
     """Build a whole medium under ``out``; returns the validated manifest it wrote.
