@@ -17,6 +17,26 @@ def _memory(text: str) -> tuple[str, int]:
     return name, int(mib)
 
 
+def _master_xen(spec, args: argparse.Namespace) -> None:
+    """The same spec, saved with ``xl save`` as Xen domains (console on hvc0)."""
+    import tempfile
+
+    from ..hypervisor.xen import XenBackend
+    from . import xen
+    from .master import write_boot_menu
+
+    cmdline = " ".join(w for w in spec.cmdline.split() if not w.startswith("console=")) + " console=hvc0"
+    specs = [xen.XenFlavourSpec(name=f.name, title=f.title, priority=f.priority, kernel=args.guests / spec.kernel,
+                                initrd=args.guests / f.initrd, cmdline=cmdline.strip(),
+                                ready_line=f"XS-READY flavour={f.name}", machine_type=args.xen_type,
+                                memory_mib=f.memory_mib, vcpus=f.vcpus)
+             for f in spec.flavours]
+    with tempfile.TemporaryDirectory(prefix="xsm-xen-") as work:
+        manifest = xen.master_medium(XenBackend(), specs, args.out / "xenubuntu", Path(work), default=spec.default)
+    write_boot_menu(manifest, args.out)
+    print(f"medium written: {manifest.path} ({len(manifest.flavours)} Xen flavours, default {manifest.default})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="xsession-master", description=__doc__)
     p.add_argument("spec", type=Path, help="mastering spec (YAML), e.g. demo/flavours.yaml")
@@ -25,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accel", choices=("tcg", "kvm", "auto"), default="tcg",
                    help="accelerator the flavours are saved under (a restore must use the same); "
                         "auto: kvm where a probe boot shows it works, else tcg")
+    p.add_argument("--backend", choices=("qemu", "xen"), default="qemu",
+                   help="qemu: QEMU migration streams; xen: xl save images (run in a Xen dom0)")
+    p.add_argument("--xen-type", choices=("pv", "pvh"), default="pvh", help="domain type of Xen flavours")
     p.add_argument("--jobs", type=int, default=2, help="flavours booted at once")
     p.add_argument("--settle", type=float, default=1.0, help="seconds a flavour idles at its desktop before saving")
     p.add_argument("--memory", type=_memory, action="append", default=[], metavar="NAME=MiB",
@@ -32,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec, dict(args.memory))
+        if args.backend == "xen":
+            _master_xen(spec, args)
+            return 0
         accel = resolve_accel(args.accel, spec, args.guests)
         master_medium(spec, args.guests, args.out, accel=accel, jobs=args.jobs, settle_s=args.settle,
                       report=lambda line: print(line, flush=True))
