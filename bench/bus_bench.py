@@ -34,7 +34,8 @@ from gi.repository import Gio, GLib
 
 from xsession.bootopts import parse_cmdline
 from xsession.engine import Engine, State
-from xsession.demo import ensure_demo_medium, system_bus_config
+from xsession.demo import ensure_demo_medium
+from xsession.privatebus import system_like_config
 from xsession.hypervisor.qemu import QemuBackend
 from xsession.manifest import MANIFEST_RELPATH, load_manifest
 
@@ -142,7 +143,7 @@ def main() -> int:
     # a private hard-linked copy: a medium mastered again meanwhile does not change under us
     medium = work / "medium"
     shutil.copytree(ensure_demo_medium(report=lambda line: None), medium, copy_function=os.link)
-    bus = subprocess.Popen(["dbus-daemon", f"--config-file={system_bus_config(work)}", "--nofork",
+    bus = subprocess.Popen(["dbus-daemon", f"--config-file={system_like_config(work)}", "--nofork",
                             "--print-address"], stdout=subprocess.PIPE)
     address = bus.stdout.readline().decode().strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, QEMU TCG; python {platform.python_version()}")

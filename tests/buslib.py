@@ -10,16 +10,16 @@ import socket
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gi.repository import Gio, GLib
 
+from xsession import privatebus
+from xsession.privatebus import BUS_NAME, UNITS
+
 REPO = Path(__file__).resolve().parent.parent
-UNITS = REPO / "units"
-BUS_NAME = "org.xenubuntu.Sessions1"
 MANAGER_PATH = "/org/xenubuntu/Sessions1"
 MANAGER_IFACE = "org.xenubuntu.Sessions1.Manager"
 SESSION_IFACE = "org.xenubuntu.Sessions1.Session"
@@ -39,20 +39,8 @@ polkit.addRule(function(action, subject) {{
 
 
 def system_like_config(folder: Path) -> Path:
-    """Debian's system.conf (its default deny policy), listening privately, with our
-    policy and polkit's included."""
-    tree = ET.parse("/usr/share/dbus-1/system.conf")
-    top = tree.getroot()
-    for tag in ("user", "fork", "pidfile", "syslog", "listen", "include", "includedir",
-                "standard_system_servicedirs", "servicehelper"):
-        for el in top.findall(tag):
-            top.remove(el)
-    ET.SubElement(top, "listen").text = "unix:tmpdir=/tmp"
-    ET.SubElement(top, "include").text = str(POLKIT_CONF)
-    ET.SubElement(top, "include").text = str(UNITS / f"{BUS_NAME}.conf")
-    config = folder / "bus.conf"
-    tree.write(config)
-    return config
+    """The system-like bus, with polkit's policy too (the tests run a real polkitd)."""
+    return privatebus.system_like_config(folder, listen="unix:tmpdir=/tmp", includes=(POLKIT_CONF,))
 
 
 def connect(address: str) -> Gio.DBusConnection:

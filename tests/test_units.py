@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from xsession import privatebus
+
 UNITS = Path(__file__).resolve().parent.parent / "units"
 SERVICE = UNITS / "xsessiond.service"
 BUS_NAME = "org.xenubuntu.Sessions1"
@@ -185,22 +187,11 @@ OWNER = textwrap.dedent("""
 
 
 def system_like_config(tmp_path: Path) -> Path:
-    """Debian's system.conf with its default policy, listening privately, including our files."""
-    tree = ET.parse("/usr/share/dbus-1/system.conf")
-    top = tree.getroot()
-    for tag in ("user", "fork", "pidfile", "syslog", "listen", "include", "includedir",
-                "standard_system_servicedirs", "servicehelper"):
-        for el in top.findall(tag):
-            top.remove(el)
-    ET.SubElement(top, "listen").text = "unix:tmpdir=/tmp"
+    """The system-like bus, with our activation file in its service folder."""
     services = tmp_path / "system-services"
     services.mkdir()
     shutil.copy(UNITS / f"{BUS_NAME}.service", services)
-    ET.SubElement(top, "servicedir").text = str(services)
-    ET.SubElement(top, "include").text = str(UNITS / f"{BUS_NAME}.conf")
-    config = tmp_path / "bus.conf"
-    tree.write(config)
-    return config
+    return privatebus.system_like_config(tmp_path, listen="unix:tmpdir=/tmp", servicedirs=(services,))
 
 
 @pytest.fixture

@@ -23,11 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from .mastering.master import load_spec, master_medium
 from .manifest import MANIFEST_RELPATH
+from .privatebus import system_like_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "demo"
@@ -55,32 +55,6 @@ def ensure_demo_medium(cache: Path = CACHE, report=print) -> Path:
     return medium
 
 
-UNITS = REPO / "units"
-BUS_NAME = "org.xenubuntu.Sessions1"
-
-
-def system_bus_config(folder: Path) -> Path:
-    """A bus configuration like the system bus's (Debian's system.conf and its default
-    deny policy) that listens privately and includes our bus policy.
-
-    When not run as root, the caller's user may own the name too (on the real
-    system bus only root may).
-    """
-    tree = ET.parse("/usr/share/dbus-1/system.conf")
-    top = tree.getroot()
-    for tag in ("user", "fork", "pidfile", "syslog", "listen", "include", "includedir",
-                "standard_system_servicedirs", "servicehelper"):
-        for el in top.findall(tag):
-            top.remove(el)
-    ET.SubElement(top, "listen").text = f"unix:dir={folder}"
-    ET.SubElement(top, "include").text = str(UNITS / f"{BUS_NAME}.conf")
-    if os.geteuid() != 0:
-        policy = ET.SubElement(top, "policy", user=str(os.geteuid()))
-        ET.SubElement(policy, "allow", own=BUS_NAME)
-        ET.SubElement(policy, "allow", send_destination=BUS_NAME)
-    config = folder / "bus.conf"
-    tree.write(config)
-    return config
 
 
 def _ctl(address: str, *args: str) -> list[str]:
@@ -143,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the bus: its own log; the address it prints is all a client needs
         with open(work / "dbus-daemon.log", "wb") as bus_log:
-            bus = subprocess.Popen(["dbus-daemon", f"--config-file={system_bus_config(work)}", "--nofork",
+            bus = subprocess.Popen(["dbus-daemon", f"--config-file={system_like_config(work)}", "--nofork",
                                     "--print-address"], stdout=subprocess.PIPE, stderr=bus_log)
         assert bus.stdout is not None
         address = bus.stdout.readline().decode().strip()

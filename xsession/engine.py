@@ -29,11 +29,11 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bootopts import BootOptions, RestorePolicy, check_flavours
-from .errors import (InvalidState, MediumUnavailable, NotEnoughMemory, StatefileCorrupt, XSessionError)
+from .errors import InvalidState, MediumUnavailable, NoSuchFlavour, NotEnoughMemory, XSessionError
 from .hypervisor.base import Backend, Guest
 from .manifest import Flavour, Manifest
 from . import scheduler
@@ -201,7 +201,6 @@ class Engine:
         try:
             return self._sessions[name]
         except KeyError:
-            from .errors import NoSuchFlavour
             raise NoSuchFlavour(name, self.names) from None
 
     def running_memory(self) -> dict[str, int]:

@@ -38,6 +38,7 @@ from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..statefile import Feeder, precheck, sha256_of
 from .base import ExitCallback, HostMemory, Progress
+from .console import wait_for_text
 from .qmp import QMP
 
 __all__ = ["QemuBackend", "QemuGuest", "qemu_argv", "SaveResult", "probe_kvm", "QEMU_BINARY"]
@@ -279,33 +280,10 @@ def probe_kvm(flavour: Flavour, manifest: Manifest, workdir: Path, timeout: floa
     with open(workdir / "qemu.log", "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        return _wait_for_line(workdir / "console.log", flavour.cold_boot.ready_line, timeout, lambda: proc.poll() is None)
+        return wait_for_text(workdir / "console.log", flavour.cold_boot.ready_line, timeout, lambda: proc.poll() is None)
     finally:
         proc.kill()
         proc.wait()
-
-
-def _wait_for_line(path: Path, needle: str, timeout: float, alive) -> bool:
-    deadline = time.monotonic() + timeout
-    pos = 0
-    buf = b""
-    want = needle.encode()
-    while time.monotonic() < deadline:
-        try:
-            with open(path, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            pos += len(chunk)
-            buf = (buf + chunk)[-65536:]
-            if want in buf:
-                return True
-        elif not alive():
-            return False
-        time.sleep(0.05)
-    return False
 
 
 class QemuBackend:
@@ -455,7 +433,7 @@ class QemuBackend:
             if status not in ("inmigrate", "restore-vm"):
                 raise HypervisorError(f"restore {guest.name}", f"unexpected state {status!r} while loading")
             time.sleep(0.005)
-        raise TimeoutError(f"the stream was not loaded before the deadline")
+        raise TimeoutError("the stream was not loaded before the deadline")
 
     # -- cold boot -----------------------------------------------------------------
     def cold_boot(self, flavour: Flavour, manifest: Manifest, rundir: Path, accel: str | None = None) -> QemuGuest:
@@ -473,7 +451,7 @@ class QemuBackend:
         guest = self._launch(flavour, manifest, rundir, disk, accel=accel, mode="boot")
         try:
             guest.connect(10.0)
-            if not _wait_for_line(rundir / "console.log", cb.ready_line, cb.timeout_s, guest.is_alive):
+            if not wait_for_text(rundir / "console.log", cb.ready_line, cb.timeout_s, guest.is_alive):
                 why = guest.exit_reason if not guest.is_alive() else f"not ready within {cb.timeout_s:.0f} s"
                 raise HypervisorError(f"cold boot {flavour.name}", why or "QEMU exited")
             return guest
@@ -512,7 +490,7 @@ class QemuBackend:
         guest = self._launch(flavour, manifest, rundir, disk, vnc=False, mode="master")
         try:
             guest.connect(10.0)
-            if not _wait_for_line(rundir / "console.log", flavour.cold_boot.ready_line,
+            if not wait_for_text(rundir / "console.log", flavour.cold_boot.ready_line,
                                   flavour.cold_boot.timeout_s, guest.is_alive):
                 raise HypervisorError(f"boot {flavour.name} for mastering", guest.exit_reason or "not ready in time")
             return guest

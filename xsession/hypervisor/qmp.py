@@ -40,10 +40,17 @@ def _get_loop() -> asyncio.AbstractEventLoop:
     with _loop_lock:
         if _loop is None:
             loop = asyncio.new_event_loop()
+            loop.set_exception_handler(_quiet_exception)
             t = threading.Thread(target=loop.run_forever, name="qmp-loop", daemon=True)
             t.start()
             _loop = loop
         return _loop
+
+
+def _quiet_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Unretrieved errors of qemu.qmp's internal tasks (a QEMU that went away):
+    the facade already turned them into HypervisorErrors, so one line is enough."""
+    logging.getLogger(__name__).debug("QMP loop: %s: %r", context.get("message"), context.get("exception"))
 
 
 def _run(coro: Coroutine[Any, Any, T], timeout: float) -> T:

@@ -27,13 +27,13 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..statefile import Feeder, precheck, sha256_of
 from . import xl
+from .console import wait_for_text
 from .base import ExitCallback, HostMemory, Progress
 
 __all__ = ["XenBackend", "XenGuest", "xl_settings", "CONSOLE_LOG_DIR", "console_log_dir_from_config"]
@@ -172,8 +172,8 @@ class XenGuest:
 
     def wait_for_line(self, needle: str, timeout: float, since: int | None = None) -> bool:
         """Wait until ``needle`` appears on the console after byte ``since``; False at timeout or death."""
-        return _wait_for_text(self.console_log, needle, timeout, self.console_start if since is None else since,
-                              self.is_alive)
+        return wait_for_text(self.console_log, needle, timeout, self.is_alive,
+                             start=self.console_start if since is None else since, alive_every=2.0, poll=0.1)
 
     # -- watching ------------------------------------------------------------------
     def on_exit(self, callback: ExitCallback) -> None:
@@ -492,32 +492,4 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _wait_for_text(path: Path, needle: str, timeout: float, start: int, alive: Callable[[], bool]) -> bool:
-    """Poll a growing console log from byte ``start`` for ``needle``."""
-    deadline = time.monotonic() + timeout
-    pos = start
-    tail = b""
-    want = needle.encode()
-    next_alive_check = 0.0
-    while time.monotonic() < deadline:
-        try:
-            with open(path, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            pos += len(chunk)
-            tail = (tail + chunk)[-(len(want) + 65536):]
-            if want in tail:
-                return True
-        now = time.monotonic()
-        if now >= next_alive_check:
-            if not alive():
-                return False
-            next_alive_check = now + 2.0
-        time.sleep(0.1)
-    return False
 
