@@ -147,7 +147,6 @@ class Feeder(threading.Thread):
                         raise _MediumError(e.strerror or str(e)) from e
                     if not block:
                         break
-                    h.update(block)
                     done += len(block)
                     if not reader_gone:
                         # once the reader is gone, keep hashing: the diagnosis wants the whole file
@@ -158,6 +157,7 @@ class Feeder(threading.Thread):
                                 _write_all(self.out_fd, block)
                         except OSError:
                             reader_gone = True
+                    h.update(block)  # after the write: hashing overlaps the decompression
                     if self.progress is not None:
                         self.progress(done, self.sf.size)
         except _MediumError as e:
