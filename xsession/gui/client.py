@@ -168,7 +168,8 @@ def describe_error(name: str, message: str, flavour: str, sessions: Mapping[str,
         if m:
             text += f": it needs {m.group(1)} MiB, {m.group(2)} MiB are free"
         if "would make room" in message:
-            stop = message.rsplit("stopping ", 1)[-1].split(" would make room")[0]
+            names = message.rsplit("stopping ", 1)[-1].split(" would make room")[0].split(", ")
+            stop = ", ".join(sessions[n].title or n if n in sessions else n for n in names)
             text += f". Stopping {stop} would make room."
         else:
             holders = sorted((s for s in sessions.values() if s.state in ACTIVE_STATES and s.name != flavour),

@@ -127,6 +127,7 @@ class ConsoleView(Gtk.Box):
         self._changed_id = client.connect("session-changed", self._on_session_changed)
         self._removed_id = client.connect("session-removed", lambda _c, n: n == name and self._follow())
         self._added_id = client.connect("session-added", lambda _c, n: n == name and self._follow())
+        self._daemon_ids = [client.connect(sig, lambda _c: self._follow()) for sig in ("connected", "disconnected")]
         self.connect("destroy", lambda _w: self.close())
         self._follow()
 
@@ -148,6 +149,12 @@ class ConsoleView(Gtk.Box):
         if self._closed:
             return
         s = self.session
+        if s is None and self.connected:
+            # the daemon withdrew the session (it is stopping or restarting, and its guests
+            # outlive it): the display itself says whether the guest is still there
+            self.state_label.set_text("session manager not running" if not self.client.is_connected
+                                      else "no longer managed")
+            return
         self._state = s.state if s is not None else ""
         title = s.title if s is not None and s.title else self.name
         self.title_label.set_markup(f"<b>{GLib.markup_escape_text(title)}</b>")
@@ -261,5 +268,5 @@ class ConsoleView(Gtk.Box):
             return
         self._disconnect()
         self._closed = True
-        for hid in (self._changed_id, self._removed_id, self._added_id):
+        for hid in (self._changed_id, self._removed_id, self._added_id, *self._daemon_ids):
             self.client.disconnect(hid)

@@ -100,16 +100,21 @@ class MainWindow(Gtk.Window):
         return self.stack.get_visible_child_name() or "chooser"
 
     def choose(self, name: str) -> None:
-        """The person picked a flavour: make it run if it does not, and show its console."""
+        """The person picked a flavour: show its console, making it run first if it does not.
+
+        A session that must be restored is shown once the daemon accepted ``Activate``;
+        a refusal (``NotEnoughMemory``, ...) leaves the chooser in place with the reason.
+        """
         self._auto_show = False
         s = self.client.sessions.get(name)
-        if s is not None and s.state not in ACTIVE_STATES and s.state not in _BUSY:
-            self.client.activate(name)
-        elif s is not None and s.state == "paused":
+        if s is None:
+            return
+        if s.state == "paused":
             self.client.session_call(name, "Resume")
-        elif s is not None and s.state == "queued":
-            self.client.activate(name)   # jump the queue
-        self.show_console(name)
+        if s.state in ACTIVE_STATES or s.state in ("restoring", "booting"):
+            self.show_console(name)
+        else:
+            self.client.activate(name, done=lambda _path: self.show_console(name))
 
     def show_console(self, name: str) -> ConsoleView:
         """One session's display in the full window; it takes the keyboard."""

@@ -1,0 +1,301 @@
+"""The front-end for real: a real window under Xvfb, xsessiond on a private bus as its own
+process, real guests from the demo medium, xdotool clicks and keys, and the guests'
+own word on what their consoles show (see tests/guilib.py for how a framebuffer is read).
+
+The window runs in the test process, so that the test can look into its GtkVnc views
+(``get_pixbuf()``); the daemon and the other D-Bus clients are other processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .buslib import Client, ctl
+from .conftest import ARTIFACTS
+from .guilib import (click, distinct_colours, guest_keyboard_interrupts, pump, read_text, screenshot,
+                     session_font, settle, start_xvfb, xdotool)
+
+SHOTS = ARTIFACTS / "gui"
+TITLES = {"kubuntu": "Kubuntu", "ubuntu": "Ubuntu", "xubuntu": "Xubuntu", "server": "Ubuntu Server"}
+
+
+@pytest.fixture(scope="session")
+def xdisplay(tmp_path_factory) -> str:
+    """Xvfb for the whole run (GTK cannot let go of a display and take another), GTK on it."""
+    log = tmp_path_factory.mktemp("xvfb") / "xvfb.log"
+    proc, display = start_xvfb(log)
+    os.environ["DISPLAY"] = display
+    import gi
+    gi.require_version("Gtk", "3.0")
+    gi.require_version("Gdk", "3.0")
+    from gi.repository import Gdk, Gtk
+    ok, _ = Gtk.init_check([])
+    assert ok and Gdk.Display.get_default() is not None, f"GTK cannot open {display}"
+    yield display
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def gui(xdisplay, private_bus, request):
+    """Windows of the front-end on the private bus; a screenshot is kept if the test fails."""
+    from xsession.gui.client import SessionsClient
+    from xsession.gui.window import MainWindow
+
+    made = []
+
+    def make(auto_show: bool = False):
+        client = SessionsClient(private_bus)
+        client.start()
+        window = MainWindow(client, auto_show_default=auto_show)
+        window.move(0, 0)
+        window.show()
+        made.append((client, window))
+        pump(lambda: window.get_mapped() and client.is_connected and len(window.chooser.cards) == 4, 30,
+             "the window with four cards")
+        settle(0.2)
+        return window
+
+    yield make
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        screenshot(ARTIFACTS / request.node.name / "screen.png")
+    for client, window in made:
+        window.destroy()
+        client.close()
+    settle(0.1)
+
+
+@pytest.fixture
+def other(private_bus):
+    """Another D-Bus client (the test's own connection), as a second front-end would be."""
+    c = Client(private_bus)
+    yield c
+    c.close()
+
+
+def card_state(window, name: str) -> str:
+    return window.chooser.cards[name].state_label.get_text()
+
+
+def serial(runtime_dir: Path, name: str) -> Path:
+    return runtime_dir / "sessions" / name / "serial.sock"
+
+
+def vnc(runtime_dir: Path, name: str) -> str:
+    return f"unix:{runtime_dir / 'sessions' / name / 'vnc.sock'}"
+
+
+def shows(view, font: dict[bytes, str], name: str) -> list[str] | None:
+    """The view's text if it shows ``name``'s title and flavour line (None while it does not)."""
+    if not view.connected:
+        return None
+    text = read_text(view.display.get_pixbuf(), font)
+    stripped = [r.strip() for r in text]
+    if TITLES[name] in stripped and any(f"flavour={name}" in r for r in stripped):
+        return text
+    return None
+
+
+def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other):
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=ubuntu")
+    other.activate("server")
+    other.wait_state("server", {"running"})
+    window = gui()
+    chooser = window.chooser
+
+    assert [c.name for c in sorted(chooser.cards.values(), key=lambda c: c.get_parent().get_index())] == \
+        ["kubuntu", "ubuntu", "xubuntu", "server"]     # restore order
+    for name, card in chooser.cards.items():
+        assert card.title_label.get_text() == TITLES[name]
+        assert card.default_label.get_visible() == (name == "ubuntu")
+        assert card.memory_label.get_text() == f"Memory: {192 if name == 'server' else 256} MiB"
+        visible = {m for m, b in card.action_buttons.items() if b.get_visible()}
+        if name == "server":
+            assert card_state(window, name) == "Running"
+            assert visible == {"Pause", "Stop", "Reset"}
+            assert card.show_button.get_label() == "Switch to"
+        else:
+            assert card_state(window, name) == "Not started"
+            assert visible == {"Reset"}
+            assert card.show_button.get_label() == "Start"
+        assert not card.progress.get_visible()
+    assert "MiB in use by sessions" in chooser.memory_label.get_text()
+
+    # another client restores xubuntu: the card follows, with a progress bar while it restores
+    seen: list[tuple[str, bool]] = []
+    card = chooser.cards["xubuntu"]
+    window.client.connect("session-changed", lambda _c, n, _ch: n == "xubuntu" and seen.append(
+        (card_state(window, "xubuntu"), card.progress.get_visible())))
+    other.activate("xubuntu")
+    pump(lambda: card_state(window, "xubuntu") == "Running", 60, "xubuntu's card to say Running")
+    assert ("Restoring", True) in seen, seen
+    assert seen[-1] == ("Running", False)
+
+    # and another pauses the server: its card offers Resume instead of Pause
+    other.call(other_path("server"), "org.xenubuntu.Sessions1.Session", "Pause")
+    server = chooser.cards["server"]
+    pump(lambda: card_state(window, "server") == "Paused", 10, "the server's card to say Paused")
+    assert {m for m, b in server.action_buttons.items() if b.get_visible()} == {"Resume", "Stop", "Reset"}
+
+    settle(0.3)
+    shot = screenshot(SHOTS / "chooser.png", window)
+    assert distinct_colours(shot) > 20
+
+
+def other_path(name: str) -> str:
+    return f"/org/xenubuntu/Sessions1/session/{name}"
+
+
+def test_a_click_on_switch_shows_that_flavours_console_and_the_host_key_returns(
+        xsessiond, gui, runtime_dir, xdisplay):
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")
+    window = gui()
+    card = window.chooser.cards["xubuntu"]
+    assert card.show_button.get_label() == "Start"
+    click(xdisplay, card.show_button)           # starts it and shows its console
+    pump(lambda: window.page == "console" and window.consoles and window.consoles[0].connected, 60,
+         "xubuntu's console to connect")
+    view = window.consoles[0]
+    assert view.name == "xubuntu" and view.title_label.get_text() == "Xubuntu"
+
+    # what xubuntu itself says its screen holds, read from its own display: the font to read the window with
+    font, text = session_font(serial(runtime_dir, "xubuntu"), vnc(runtime_dir, "xubuntu"))
+    assert "Xubuntu" in [r.strip() for r in text], text
+    seen = pump(lambda: shows(view, font, "xubuntu"), 10, "the window's display to show Xubuntu")
+    assert any("eartbeat" in r for r in seen), seen   # "h" and the digits are not in the learned text
+    screenshot(SHOTS / "console-xubuntu.png", window)
+
+    # the keyboard is with the guest; the host key still brings the chooser back
+    pump(lambda: view.has_keyboard(), 5, "the console to take the keyboard")
+    xdotool(xdisplay, "key", "--clearmodifiers", "ctrl+alt+Home")
+    pump(lambda: window.page == "chooser", 5, "the host key to bring back the chooser")
+    assert not window.consoles
+
+
+def test_split_view_shows_two_named_consoles_each_taking_the_keyboard(
+        xsessiond, gui, other, runtime_dir, xdisplay):
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")
+    for name in ("kubuntu", "xubuntu"):
+        other.activate(name)
+    for name in ("kubuntu", "xubuntu"):
+        other.wait_state(name, {"running"})
+    window = gui()
+    for name in ("kubuntu", "xubuntu"):
+        pump(lambda: card_state(window, name) == "Running", 10, f"{name}'s card")
+        click(xdisplay, window.chooser.cards[name].split_check)
+    assert window.chooser.picked == {"kubuntu", "xubuntu"}
+    click(xdisplay, window.chooser.split_button)
+    pump(lambda: window.page == "split" and len(window.consoles) == 2 and all(v.connected for v in window.consoles),
+         30, "two consoles side by side")
+    views = {v.name: v for v in window.consoles}
+    assert set(views) == {"kubuntu", "xubuntu"}
+
+    fonts = {}
+    for name, view in views.items():
+        fonts[name], _ = session_font(serial(runtime_dir, name), vnc(runtime_dir, name))
+        pump(lambda: shows(view, fonts[name], name), 10, f"the {name} pane to show {TITLES[name]}")
+    # the reading tells them apart: Xubuntu's font cannot read Kubuntu's K
+    assert "Kubuntu" not in [r.strip() for r in read_text(views["kubuntu"].display.get_pixbuf(), fonts["xubuntu"])]
+    settle(0.3)
+    screenshot(SHOTS / "split.png", window)
+
+    # each pane can take the keyboard: typed keys reach that guest only (its keyboard interrupts)
+    for taker, idle in (("xubuntu", "kubuntu"), ("kubuntu", "xubuntu")):
+        click(xdisplay, views[taker].keyboard_button)
+        pump(lambda: views[taker].has_keyboard() and not views[idle].has_keyboard(), 5, f"{taker} to take the keyboard")
+        before = {n: guest_keyboard_interrupts(serial(runtime_dir, n)) for n in views}
+        xdotool(xdisplay, "type", "--delay", "20", "hello")
+        settle(0.5)
+        after = {n: guest_keyboard_interrupts(serial(runtime_dir, n)) for n in views}
+        assert after[taker] - before[taker] >= 5, (taker, before, after)
+        assert after[idle] == before[idle], (idle, before, after)
+
+
+def test_a_reset_by_another_client_shows_within_a_second_and_the_console_reconnects(
+        xsessiond, gui, other, runtime_dir, private_bus):
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")
+    other.activate("ubuntu")
+    other.wait_state("ubuntu", {"running"})
+    window = gui()
+    view = window.show_console("ubuntu")
+    pump(lambda: view.connected, 20, "ubuntu's console")
+    first = view.connections
+    font, _ = session_font(serial(runtime_dir, "ubuntu"), vnc(runtime_dir, "ubuntu"))
+
+    # when each change reached the window, against when the daemon made it (LastChange, same clock)
+    delays: list[tuple[str, float]] = []
+    window.client.connect("session-changed", lambda c, n, ch: n == "ubuntu" and "State" in ch and delays.append(
+        (view.state_label.get_text(), time.time() - c.sessions["ubuntu"].last_change)))
+    proc = subprocess.Popen([sys.executable, "-m", "xsession.ctl", "--address", private_bus, "reset", "ubuntu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pump(lambda: proc.poll() is not None, 60, "xsessionctl reset ubuntu")
+    assert proc.returncode == 0, proc.stdout.read() if proc.stdout else ""
+    pump(lambda: view.connections > first and view.connected, 20, "the console to reconnect after the reset")
+    states = [s for s, _ in delays]
+    assert states[-1] == "running" and any(s in ("stopped", "queued", "restoring") for s in states), delays
+    assert all(d < 1.0 for _, d in delays), delays
+    pump(lambda: shows(view, font, "ubuntu"), 10, "the reconnected console to show Ubuntu")
+
+
+def test_not_enough_memory_is_explained_in_the_info_bar(xsessiond, gui, other, xdisplay):
+    total = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal:"))) // 1024
+    # room for one 256 MiB session and not two
+    xsessiond(f"xenubuntu.restore=off xenubuntu.flavour=kubuntu xenubuntu.reserve={total - 400}M")
+    other.activate("kubuntu")
+    other.wait_state("kubuntu", {"running"})
+    window = gui()
+    click(xdisplay, window.chooser.cards["ubuntu"].show_button)
+    message = pump(lambda: window.message, 15, "an error in the info bar")
+    # how much is needed, how much is free, and what could be stopped
+    assert re.fullmatch(r"Not enough memory for Ubuntu: it needs \d+ MiB, \d+ MiB are free\. "
+                        r"Stopping Kubuntu would make room\.", message), message
+    assert window.info_bar.get_visible()
+    assert window.page == "chooser"     # nothing to show: the person stays where the choice is
+    settle(0.3)
+    screenshot(SHOTS / "not-enough-memory.png", window)
+    window.hide_message()
+    assert window.message == ""
+
+
+def test_the_window_survives_the_daemon_restarting(xsessiond, gui, other, runtime_dir):
+    daemon = xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu", stop_guests=False)
+    other.activate("server")
+    other.wait_state("server", {"running"})
+    window = gui()
+    view = window.show_console("server")
+    pump(lambda: view.connected, 20, "server's console")
+    connections = view.connections
+
+    assert daemon.terminate() == 0       # the guest keeps running
+    pump(lambda: "not running" in window.message, 10, "the info bar to say the manager is gone")
+    assert not window.chooser.cards
+    assert view.connected                 # its display stays: the guest did not go away
+
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")   # adopts the running guest
+    pump(lambda: len(window.chooser.cards) == 4 and card_state(window, "server") == "Running", 30,
+         "the cards to come back with the server running")
+    pump(lambda: window.message == "", 5, "the info bar to go")
+    assert view.connected and view.connections == connections
+
+
+def test_xsession_gui_command_opens_its_window(xdisplay, xsessiond, private_bus):
+    xsessiond("xenubuntu.restore=off")
+    env = dict(os.environ, DISPLAY=xdisplay)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "xsession-gui"), "--address", private_bus,
+                             "--no-auto-show"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        found = subprocess.run(["xdotool", "search", "--sync", "--name", "^XenUbuntu$"], env=env,
+                               capture_output=True, text=True, timeout=30)
+        assert found.returncode == 0 and found.stdout.strip(), found
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode(errors="replace")
+    assert "appeared" in out, out
