@@ -299,3 +299,41 @@ def test_xsession_gui_command_opens_its_window(xdisplay, xsessiond, private_bus)
         proc.terminate()
         out = proc.communicate(timeout=10)[0].decode(errors="replace")
     assert "appeared" in out, out
+
+
+def test_the_default_session_is_shown_at_once_when_it_runs(xsessiond, gui):
+    xsessiond("xenubuntu.restore=lazy xenubuntu.flavour=server")
+    window = gui(auto_show=True)
+    pump(lambda: window.page == "console" and window.consoles[0].connected, 60, "the default session's console")
+    assert window.consoles[0].name == "server"
+
+
+def test_the_client_alone_follows_signals_without_gtk(xsessiond, other, private_bus):
+    """The D-Bus part of the front-end imports no GTK and is usable on its own."""
+    probe = subprocess.run([sys.executable, "-c", "import sys, xsession.gui.client; "
+                            "print(sorted(m for m in sys.modules if m.startswith(('gi.repository.Gtk', "
+                            "'gi.repository.Gdk', 'xsession.engine', 'xsession.hypervisor'))))"],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+
+    from xsession.gui.client import SessionsClient
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")
+    client = SessionsClient(private_bus)
+    events: list[tuple[str, str]] = []
+    client.connect("session-changed", lambda c, n, ch: "State" in ch and events.append((n, c.sessions[n].state)))
+    errors: list = []
+    client.connect("call-failed", lambda _c, e: errors.append(e))
+    client.start()
+    try:
+        pump(lambda: client.is_connected and len(client.sessions) == 4, 20, "the sessions")
+        assert client.manager.default_flavour == "kubuntu"
+        assert [s.name for s in client.sessions.values()] == ["kubuntu", "ubuntu", "xubuntu", "server"]
+        other.activate("ubuntu")
+        pump(lambda: ("ubuntu", "running") in events, 60, "ubuntu running, as signalled")
+        assert client.sessions["ubuntu"].vnc.startswith("unix:") and client.sessions["ubuntu"].vnc.endswith("vnc.sock")
+        assert ("ubuntu", "restoring") in events[:events.index(("ubuntu", "running"))], events
+        client.session_call("kubuntu", "Pause")          # not running: refused, with the reason
+        err = pump(lambda: errors and errors[0], 10, "the refusal")
+        assert err.short_name == "InvalidState" and err.meaning.startswith("Kubuntu cannot do that now: "), err
+    finally:
+        client.close()

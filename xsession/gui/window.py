@@ -90,6 +90,7 @@ class MainWindow(Gtk.Window):
         client.connect("call-failed", lambda _c, err: self.show_error(err))
         client.connect("disconnected", lambda _c: self._on_daemon(False))
         client.connect("connected", lambda _c: self._on_daemon(True))
+        client.connect("connected", lambda _c: self._maybe_auto_show(client.manager.default_flavour))
         client.connect("session-changed", lambda _c, name, _ch: self._maybe_auto_show(name))
         client.connect("manager-changed", lambda _c, _ch: self._maybe_auto_show(client.manager.default_flavour))
         outer.show_all()
