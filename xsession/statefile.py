@@ -12,6 +12,7 @@ sha256 and the decompressor's verdict as good.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 from .errors import MediumUnavailable, StatefileCorrupt
 from .manifest import Statefile
 
-__all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of"]
+__all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of", "widen_pipe"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20  # 1 MiB: few system calls, progress still fine-grained for a DVD
@@ -135,6 +136,7 @@ class Feeder(threading.Thread):
                 os.close(self.out_fd)  # zstd holds its own copy now
                 self.out_fd = -1
                 sink = self._proc.stdin
+                widen_pipe(sink.fileno())
             try:
                 f = open(self.path, "rb")
             except OSError as e:
@@ -202,6 +204,17 @@ class Feeder(threading.Thread):
 
 class _MediumError(Exception):
     pass
+
+
+PIPE_BYTES = 1 << 20  # a 1 MiB pipe: a chunk per write instead of 16 wake-ups of the reader
+
+
+def widen_pipe(fd: int) -> None:
+    """Raise a pipe's buffer (64 KiB by default); best effort, the limit is a sysctl."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

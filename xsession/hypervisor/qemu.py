@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
-from ..statefile import Feeder, precheck, sha256_of
+from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import ExitCallback, HostMemory, Progress
 from .console import wait_for_text
 from .qmp import QMP
@@ -372,18 +372,20 @@ class QemuBackend:
             # a KVM stream does not load under TCG: the guest must cold-boot
             raise HypervisorError(f"restore {flavour.name}",
                                   "the statefile was saved under KVM, and KVM cannot run a guest on this host")
-        disk = self._prepare(flavour, manifest, rundir)
         deadline = time.monotonic() + RESTORE_BASE_TIMEOUT_S + sf.size / RESTORE_BYTES_PER_S
         read_fd, write_fd = os.pipe()
+        widen_pipe(write_fd)
+        # the feed starts first: decompression fills the pipe while the disk is made and QEMU starts
+        feeder = Feeder(path, sf, write_fd, progress)  # closes write_fd
+        feeder.start()
         try:
+            disk = self._prepare(flavour, manifest, rundir)
             guest = self._launch(flavour, manifest, rundir, disk, incoming_fd=read_fd, mode="restore")
         except BaseException:
-            os.close(write_fd)
+            feeder.cancel()
             raise
         finally:
             os.close(read_fd)  # QEMU has its own copy
-        feeder = Feeder(path, sf, write_fd, progress)  # closes write_fd
-        feeder.start()
         try:
             try:
                 guest.connect(max(1.0, deadline - time.monotonic()))
