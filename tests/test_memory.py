@@ -306,3 +306,22 @@ def test_fit_check_hook_for_the_engine() -> None:
         check(DEMO[1], {"kubuntu": 320, "server": 256, "xubuntu": 320})
     assert (e.value.needed_mib, e.value.free_mib) == (320, 128)
     assert e.value.could_stop == ("server",)
+
+
+def test_on_xen_a_request_that_fits_only_after_ballooning_sets_dom0s_target_first() -> None:
+    from xsession.memory import balloon_target_for
+    host = HostMemory(total_mib=8192, free_mib=200)  # dom0 holds nearly everything, as Xen starts it
+    targets: list[int] = []
+    check = fit_check(lambda: host, DEMO, BootOptions(restore=RestorePolicy.OFF), 64, "xen", balloon=targets.append)
+    check(DEMO[0], {})
+    need = 256 + 64
+    assert targets == [8192 - 0 - need]  # dom0 gives back exactly what the free memory lacks
+    p = plan(host, DEMO, BootOptions(restore=RestorePolicy.OFF), {}, 64, "xen")
+    assert balloon_target_for(p, "kubuntu") == targets[0] >= p.reserve_mib
+    # room enough already, or QEMU (dom0 is the host): no balloon
+    roomy = HostMemory(total_mib=8192, free_mib=4000)
+    fit_check(lambda: roomy, DEMO, BootOptions(restore=RestorePolicy.OFF), 64, "xen", balloon=targets.append)(
+        DEMO[0], {})
+    fit_check(lambda: host, DEMO, BootOptions(restore=RestorePolicy.OFF), 64, "qemu", balloon=targets.append)(
+        DEMO[0], {})
+    assert len(targets) == 1

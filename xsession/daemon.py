@@ -138,7 +138,8 @@ class Daemon:
             manifest, self.backend, self.config.runtime_dir, self.options,
             max_parallel=scheduler.parallel_restores(speed, cpus),
             fit_check=memory.fit_check(self.backend.host_memory, self.flavours, opts,
-                                       overhead=self.backend.overhead_mib, backend=self.backend.name))
+                                       overhead=self.backend.overhead_mib, backend=self.backend.name,
+                                       balloon=getattr(self.backend, "balloon_dom0", None)))
 
     def _detect_hardware(self, root: Path) -> None:
         try:

@@ -440,24 +440,45 @@ def check_request(plan: Plan, name: str) -> None:
     raise NotEnoughMemory(name, d.need_mib, free, could_stop)
 
 
+def balloon_target_for(plan: Plan, name: str) -> int | None:
+    """On Xen, dom0's new target so that ``name`` can be restored now; None if the
+    hypervisor already has the room (or on QEMU, where dom0 is the host itself).
+
+    dom0 holds total - free - running; it gives up (need - free), leaving
+    total - running - need, which the plan keeps at or above the reserve.
+    """
+    if plan.backend != "xen":
+        return None
+    need = plan.decision(name).need_mib
+    if need <= plan.host_free_mib:
+        return None
+    return plan.total_mib - plan.running_mib - need
+
+
 def fit_check(
     memory: Callable[[], HostMemory | object],
     flavours: Sequence[FlavourLike],
     options: BootOptions,
     overhead: Overhead = 0,
     backend: str = "qemu",
+    balloon: Callable[[int], None] | None = None,
 ) -> Callable[[FlavourLike, Mapping[str, int]], None]:
     """The engine's ``fit_check(flavour, running)`` hook, backed by the planner.
 
     Each call plans afresh from ``memory()`` (``Backend.host_memory``, or a
     fresh ``HardwareProfile``) and the sessions that hold memory, then applies
-    :func:`check_request`. On Xen the engine should also read
-    ``plan(...).balloon_target_mib`` and set dom0's target before restoring.
+    :func:`check_request`. On Xen, when the flavour fits only once dom0 gives
+    memory back, ``balloon(target_mib)`` is called before the restore starts:
+    ballooning is the planner's decision, carried out by the backend.
 
     :raises NotEnoughMemory: (from the returned function) the flavour does not fit now.
     """
     def check(flavour: FlavourLike, running: Mapping[str, int]) -> None:
-        check_request(plan(memory(), flavours, options, running, overhead, backend), flavour.name)
+        p = plan(memory(), flavours, options, running, overhead, backend)
+        check_request(p, flavour.name)
+        target = balloon_target_for(p, flavour.name) if balloon is not None else None
+        if target is not None:
+            balloon(target)
 
     return check
 
