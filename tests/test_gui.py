@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .buslib import Client, ctl
+from .buslib import Client
 from .conftest import ARTIFACTS
 from .guilib import (click, distinct_colours, guest_keyboard_interrupts, pump, read_text, screenshot,
                      session_font, settle, start_xvfb, xdotool)
