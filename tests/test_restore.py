@@ -300,3 +300,17 @@ def test_a_flavour_mastered_under_kvm_restores_under_kvm(tmp_path, runtime_dir):
         assert "flavour=server" in ask(guest.console["serial"], "PING kvm")
     finally:
         guest.stop()
+
+
+def test_a_restore_that_outlives_its_watchdog_is_abandoned_and_the_flavour_cold_boots(manifest, make_engine,
+                                                                                     monkeypatch):
+    """The watchdog's deadline scales with the statefile's size; squeezed to nothing,
+    the restore is given up (QEMU stopped, nothing left running) and the flavour cold-boots."""
+    import xsession.hypervisor.qemu as qemu
+    monkeypatch.setattr(qemu, "RESTORE_BASE_TIMEOUT_S", 0.0)
+    monkeypatch.setattr(qemu, "RESTORE_BYTES_PER_S", 10 ** 12)
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    engine.activate("server")
+    view = engine.wait_state("server", SETTLED, 120)
+    assert view.state is State.RUNNING and view.origin == "cold-booted", view.reason
+    assert "watchdog" in view.reason, view.reason
