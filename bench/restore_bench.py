@@ -58,11 +58,11 @@ def raw_restore(flavour, manifest, rundir: Path) -> tuple[float, float]:
     """QEMU alone: exec:zstd -dc as the incoming stream; (to running, to first answer)."""
     rundir.mkdir(parents=True, exist_ok=True)
     backend = QemuBackend()
-    disk = backend._prepare(flavour, manifest, rundir)
+    overlay, backing = backend._prepare(flavour, manifest, rundir)
     path = manifest.resolve(flavour.statefile.path)
     t0 = time.monotonic()
-    argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, disk,
-                     incoming=f"exec:zstd -dcq {path}")
+    argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, overlay,
+                     incoming=f"exec:zstd -dcq {path}", disk_backing=backing)
     with open(rundir / "qemu.log", "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     guest = QemuGuest(flavour.name, rundir, proc, proc.pid)

@@ -22,6 +22,11 @@ def test_the_medium_has_the_layout_of_the_design(demo_medium: Path):
         info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(m.resolve(f.disk.saved_overlay))],
                                          capture_output=True, check=True, text=True).stdout)
         assert info["backing-filename"] == "disk-base.qcow2", "the saved overlay must point at its base relatively"
+        template = json.loads(subprocess.run(["qemu-img", "info", "--output=json",
+                                              str(m.resolve(f.disk.session_template))],
+                                             capture_output=True, check=True, text=True).stdout)
+        assert template["backing-filename"] == "disk-saved.qcow2"
+        assert template["virtual-size"] == info["virtual-size"], "a session must see the disk's full size"
     grub = (demo_medium / "boot" / "grub" / "grub.cfg").read_text()
     for name in m.names:
         assert f"xenubuntu.flavour={name}" in grub

@@ -91,6 +91,8 @@ class Disk:
 
     base: str
     saved_overlay: str | None = None
+    #: an empty overlay of the saved disk, copied per session (cheaper than creating one)
+    session_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,9 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     disk_r = r.sub("disk", None)
     disk = None
     if disk_r is not None:
-        disk_r.reject_unknown({"base", "saved_overlay"})
-        disk = Disk(base=disk_r.relpath("base"), saved_overlay=disk_r.relpath("saved_overlay", None))
+        disk_r.reject_unknown({"base", "saved_overlay", "session_template"})
+        disk = Disk(base=disk_r.relpath("base"), saved_overlay=disk_r.relpath("saved_overlay", None),
+                    session_template=disk_r.relpath("session_template", None))
     sf_r = r.sub("statefile", None)
     statefile = None
     if sf_r is not None:

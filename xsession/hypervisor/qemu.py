@@ -22,6 +22,7 @@ own output) and ``guest.json`` (what a restarted manager needs to adopt it).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import shutil
@@ -43,6 +44,8 @@ from .qmp import QMP
 
 __all__ = ["QemuBackend", "QemuGuest", "qemu_argv", "SaveResult", "probe_kvm", "QEMU_BINARY"]
 
+log = logging.getLogger(__name__)
+
 QEMU_BINARY = "qemu-system-x86_64"
 #: TCG's translation cache; host-side only (not in the stream), capped because the
 #: 1 GiB default would count against the memory plan of a small machine.
@@ -58,7 +61,7 @@ SAVE_TIMEOUT_S = 120.0
 
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
               disk: Path | None, *, incoming: str | None = None, vnc: bool = True,
-              accel: str | None = None) -> list[str]:
+              accel: str | None = None, disk_backing: Path | None = None) -> list[str]:
     """The one place a QEMU command line is built, for saving, restoring and cold booting alike.
 
     Guest-visible parts come only from ``machine`` and the flavour's boot files; the
@@ -89,7 +92,10 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
         "-display", "none",
     ]
     if disk is not None and machine.disk_bus != "none":
-        argv += ["-drive", f"file={_q(disk)},if=none,id=disk0,format=qcow2,cache=writeback"]
+        drive = f"file={_q(disk)},if=none,id=disk0,format=qcow2,cache=writeback"
+        if disk_backing is not None:  # a copied overlay names its backing relative to the medium
+            drive += f",backing.driver=qcow2,backing.file.filename={_q(disk_backing)}"
+        argv += ["-drive", drive]
         argv += ["-device", "virtio-blk-pci,drive=disk0" if machine.disk_bus == "virtio" else "ide-hd,drive=disk0"]
     if vnc:
         argv += ["-vnc", f"unix:{_q(rundir / 'vnc.sock')}"]
@@ -322,26 +328,39 @@ class QemuBackend:
         return QEMU_OVERHEAD_MIB + extra
 
     # -- launching ---------------------------------------------------------------
-    def _prepare(self, flavour: Flavour, manifest: Manifest, rundir: Path) -> Path | None:
-        """A clean run folder and a fresh session overlay over the medium's disk."""
+    def _prepare(self, flavour: Flavour, manifest: Manifest, rundir: Path) -> tuple[Path | None, Path | None]:
+        """A clean run folder and a fresh session overlay over the medium's disk.
+
+        Returns the overlay and, when it was copied from the medium's template,
+        the backing file QEMU must be told about.
+        """
         rundir.mkdir(parents=True, exist_ok=True)
         for stale in ("qmp.sock", "serial.sock", "vnc.sock", "console.log", "qemu.pid", "guest.json", "disk.qcow2"):
             (rundir / stale).unlink(missing_ok=True)
         if flavour.disk is None or flavour.machine.disk_bus == "none":
-            return None
+            return None, None
         backing = manifest.resolve(flavour.disk.saved_overlay or flavour.disk.base)
         if not backing.is_file():
             raise MediumUnavailable(str(backing), "the flavour's disk is missing from the medium")
         overlay = rundir / "disk.qcow2"
+        if flavour.disk.session_template is not None:
+            try:
+                shutil.copyfile(manifest.resolve(flavour.disk.session_template), overlay)
+                return overlay, backing.resolve()
+            except OSError as e:
+                log.warning("%s: cannot copy the session disk template (%s); creating one", flavour.name, e)
         _run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing.resolve()),
                    str(overlay)], "create the session's disk overlay")
-        return overlay
+        return overlay, None
 
-    def _launch(self, flavour: Flavour, manifest: Manifest, rundir: Path, disk: Path | None, *,
+    def _launch(self, flavour: Flavour, manifest: Manifest, rundir: Path,
+                disk: tuple[Path | None, Path | None] | Path, *,
                 incoming_fd: int | None = None, vnc: bool = True, accel: str | None = None,
                 mode: str) -> QemuGuest:
-        argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, disk,
-                         incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel)
+        overlay, backing = disk if isinstance(disk, tuple) else (disk, None)
+        argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, overlay,
+                         incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel,
+                         disk_backing=backing)
         argv[0] = self.binary
         with open(rundir / "qemu.log", "wb") as log:
             try:

@@ -7,6 +7,7 @@ The layout it writes (``../../DESIGN`` §3)::
     MEDIUM/xenubuntu/flavours/NAME/initrd.cpio     cold-boot initrd
     MEDIUM/xenubuntu/flavours/NAME/disk-base.qcow2 read-only disk base
     MEDIUM/xenubuntu/flavours/NAME/disk-saved.qcow2  the overlay as it was at save time
+    MEDIUM/xenubuntu/flavours/NAME/disk-session.qcow2  an empty overlay of it, copied per session
     MEDIUM/xenubuntu/flavours/NAME/state.zst       the saved running state
     MEDIUM/boot/grub/grub.cfg                      one entry per default flavour
 """
@@ -80,7 +81,8 @@ def _flavour_entry(spec: FlavourSpec, medium: MediumSpec, accel: str) -> Flavour
         name=spec.name, title=spec.title, priority=spec.priority, backend="qemu",
         machine=MachineConfig(machine_type=DEFAULT_MACHINE_TYPE, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
                               accel=accel, cpu="qemu64", vga="std", disk_bus="virtio"),
-        disk=Disk(base=f"{base}/disk-base.qcow2", saved_overlay=f"{base}/disk-saved.qcow2"),
+        disk=Disk(base=f"{base}/disk-base.qcow2", saved_overlay=f"{base}/disk-saved.qcow2",
+                  session_template=f"{base}/disk-session.qcow2"),
         statefile=None,
         cold_boot=ColdBoot(kernel="pool/vmlinuz", initrd=f"{base}/initrd.cpio", cmdline=medium.cmdline,
                            ready_line=f"XS-READY flavour={spec.name}", timeout_s=120.0),
@@ -93,13 +95,16 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
     fdir = root / "flavours" / spec.name
     fdir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(guests / spec.initrd, fdir / "initrd.cpio")
-    for f in ("disk-base.qcow2", "disk-saved.qcow2", "state.zst"):
+    for f in ("disk-base.qcow2", "disk-saved.qcow2", "disk-session.qcow2", "state.zst"):
         (fdir / f).unlink(missing_ok=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "disk-base.qcow2", f"{medium.disk_mib}M"],
                    cwd=fdir, check=True)
     # relative backing file: the medium can be mounted anywhere
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk-base.qcow2",
                     "disk-saved.qcow2"], cwd=fdir, check=True)
+    # each session's overlay starts as a copy of this (no qemu-img on the restore's critical path)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk-saved.qcow2",
+                    "disk-session.qcow2"], cwd=fdir, check=True)
     manifest = Manifest(path=str(root / "manifest.yaml"), default=medium.default, flavours=(flavour,))
     rundir = Path(tempfile.mkdtemp(prefix=f"xsm-{spec.name}-"))  # short: unix socket paths <= 107 bytes
     try:
