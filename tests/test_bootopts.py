@@ -1,6 +1,6 @@
 """The boot-option parser: a bad boot option never stops the boot.
 
-Plain examples pin the documented table (DESIGN §3); hypothesis checks the
+Plain examples pin the boot-option table of README.md; hypothesis checks the
 promises that must hold for every command line: no input makes the parser
 raise, the last occurrence of an option decides, and a malformed value gives a
 warning and the default.
@@ -46,7 +46,7 @@ def option_words(draw: st.DrawFn) -> str:
 cmdlines = st.lists(st.one_of(option_words(), plain_words), max_size=12).map(" ".join)
 
 
-# --- the table in DESIGN §3 -------------------------------------------------
+# --- the boot-option table of README.md -------------------------------------------------
 
 def test_defaults_when_nothing_is_given() -> None:
     assert parse_cmdline("BOOT_IMAGE=/casper/vmlinuz boot=casper quiet splash") == BootOptions()

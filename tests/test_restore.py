@@ -314,3 +314,32 @@ def test_a_restore_that_outlives_its_watchdog_is_abandoned_and_the_flavour_cold_
     view = engine.wait_state("server", SETTLED, 120)
     assert view.state is State.RUNNING and view.origin == "cold-booted", view.reason
     assert "watchdog" in view.reason, view.reason
+
+
+def test_while_the_medium_is_out_queued_restores_wait_and_go_on_when_it_returns(manifest, make_engine):
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    engine.medium_removed("the disc was ejected")
+    assert "the disc was ejected" in engine.warnings
+    engine.activate("server")
+    time.sleep(1.0)  # a dispatch would have started it by now
+    assert engine.session("server").state is State.QUEUED
+    engine.medium_returned()
+    assert "the disc was ejected" not in engine.warnings
+    assert engine.wait_state("server", SETTLED, 60).state is State.RUNNING
+
+
+def test_a_memory_check_that_breaks_fails_that_session_and_the_queue_goes_on(manifest, make_engine):
+    from xsession.errors import HypervisorError
+
+    def fit(flavour, running):
+        if flavour.name == "ubuntu":
+            raise HypervisorError("xl info", "exited with status 1", "libxl: cannot talk to Xen")
+
+    engine = make_engine(manifest, "xenubuntu.restore=eager", fit_check=fit)
+    engine.start()
+    assert engine.wait_idle(120)
+    states = {v.name: v.state for v in engine.sessions()}
+    assert states == {"kubuntu": State.RUNNING, "ubuntu": State.FAILED, "xubuntu": State.RUNNING,
+                      "server": State.RUNNING}
+    assert "memory check failed" in engine.session("ubuntu").reason
+    assert "cannot talk to Xen" in engine.session("ubuntu").reason

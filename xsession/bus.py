@@ -1,4 +1,4 @@
-"""The session manager on D-Bus: the Manager and Session objects of DESIGN §6.
+"""The session manager on D-Bus: the Manager and Session objects of docs/dbus.md.
 
 Objects (interfaces in ``org.xenubuntu.Sessions1.xml``, next to this module)::
 
@@ -470,12 +470,12 @@ class SessionsService:
         self._check_medium(name)  # also when resetting: the pristine statefile is on the medium
 
         def act() -> str:
-            if make_default:
-                self._set_default(name)
             if reset:
                 engine.reset(name)
             else:
                 engine.activate(name)
+            if make_default:  # only once the activation was accepted: a refusal changes nothing
+                self._set_default(name)
             return session_path(name)
 
         self._mutate(invocation, sender, ACTION_ADMINISTER if make_default else ACTION_MANAGE,

@@ -1,6 +1,6 @@
 """Sessions, their state machine, and the restore scheduler that drives a backend.
 
-A session is one flavour's VM. Its states (DESIGN §4)::
+A session is one flavour's VM. Its states (as README.md lists them)::
 
     available -> queued -> restoring -> running <-> paused
                               |            |          |
@@ -116,6 +116,7 @@ class _Session:
     guest: Guest | None = None
     origin: str = ""
     held: bool = False          # a person stopped it: policy leaves it alone
+    busy: bool = False          # its guest is being stopped: no new guest until it is gone
     retry_on_medium: bool = False
     last_emit: float = 0.0
     last_emit_fraction: float = 0.0
@@ -169,6 +170,7 @@ class Engine:
         self._idle = threading.Condition(self._lock)
         self._closing = False
         self._medium_ok = True
+        self._medium_warnings: list[str] = []
 
     # -- observing -------------------------------------------------------------
     def subscribe(self, callback: EventCallback) -> None:
@@ -248,26 +250,30 @@ class Engine:
         with self._lock:
             for name, s in self._sessions.items():
                 rundir = self._rundir(name)
-                if not (rundir / "guest.json").exists():
+                had_guest = (rundir / "guest.json").exists() or (rundir / RAN_MARKER).exists()
+                try:
+                    guest = self.backend.adopt(name, rundir)
+                except XSessionError as e:
+                    self._set(s, S.FAILED, f"cannot take over its guest: {e}")
                     continue
-                guest = self.backend.adopt(name, rundir)
-                if not (rundir / RAN_MARKER).exists():
+                if (guest is not None or had_guest) and not (rundir / RAN_MARKER).exists():
                     # the previous manager died mid-restore: the stream was never
                     # verified, so the half-loaded guest is discarded and restored again
                     if guest is not None:
-                        guest.stop()
+                        self._stop_guest(guest)
                     shutil.rmtree(rundir, ignore_errors=True)
                     self._queue.append(scheduler.QueueEntry(name, False))
                     self._set(s, S.QUEUED, "its restore was cut short when the previous manager ended; restoring again")
                     continue
                 if guest is None:
-                    self._set(s, S.FAILED, "its hypervisor process ended while the manager was away")
+                    if had_guest:
+                        self._set(s, S.FAILED, "its hypervisor process ended while the manager was away")
                     continue
                 s.guest = guest
                 s.origin = "adopted"
                 try:
-                    paused = getattr(guest, "status")() == "paused"
-                except (XSessionError, AttributeError):
+                    paused = guest.status() == "paused"
+                except XSessionError:
                     paused = False
                 self._set(s, S.PAUSED if paused else S.RUNNING, "adopted from the previous manager")
                 guest.on_exit(lambda reason, s=s, g=guest: self._guest_exited(s, g, reason))
@@ -282,6 +288,7 @@ class Engine:
         """
         with self._lock:
             s = self._get(name)
+            self._require_idle(s, "activate")
             if s.state in (S.RUNNING, S.RESTORING, S.BOOTING):
                 return s.view()
             if s.state is S.PAUSED:
@@ -300,38 +307,51 @@ class Engine:
 
     def _dispatch(self) -> None:
         """Start queued restores while slots are free (lock held)."""
-        if self._closing:
-            return
+        if self._closing or not self._medium_ok:
+            return  # queued sessions wait for the medium
         while len(self._active) < self.max_parallel and self._queue:
             entry = self._queue.pop(0)
             s = self._sessions[entry.name]
             if s.state is not S.QUEUED:
                 continue
-            try:
-                self.fit_check(s.flavour, self.running_memory())
-            except NotEnoughMemory as e:
-                if entry.requested:
-                    self._set(s, S.FAILED, str(e))
-                else:
-                    self._set(s, S.AVAILABLE, f"waiting for memory: {e}")
-                continue
-            self._start_job(s)
-        if not self._active and not self._queue and self.options.restore is RestorePolicy.LAZY:
+            if self._fits(s, waiting_reason=not entry.requested):
+                self._start_job(s)
+        if not self._active and not self._queue and self.options.restore is not RestorePolicy.OFF:
             self._fill_when_idle()
 
+    def _fits(self, s: _Session, waiting_reason: bool) -> bool:
+        """Ask the memory check; a refusal leaves the session waiting (policy) or
+        failed (a request), and any other failure of the check fails it (lock held)."""
+        try:
+            self.fit_check(s.flavour, self.running_memory())
+            return True
+        except NotEnoughMemory as e:
+            if waiting_reason:
+                self._set(s, S.AVAILABLE, f"waiting for memory: {e}")
+            else:
+                self._set(s, S.FAILED, str(e))
+        except XSessionError as e:
+            self._set(s, S.FAILED, f"the memory check failed: {e}")
+        except Exception as e:  # a planner bug must not leave the session queued forever
+            log.exception("%s: memory check crashed", s.flavour.name)
+            self._set(s, S.FAILED, f"internal error in the memory check: {e!r}")
+        return False
+
     def _fill_when_idle(self) -> None:
-        """Under ``lazy``: restore the next waiting flavour that fits (lock held)."""
+        """Restore the next waiting flavour that fits, one at a time while idle (lock held).
+
+        Under ``lazy`` these are the flavours not restored yet; under ``eager`` the
+        ones that waited for memory.
+        """
         waiting = [n for n, s in self._sessions.items() if s.state is S.AVAILABLE and not s.held]
+        if self.options.restore is RestorePolicy.EAGER:
+            waiting = [n for n in waiting if self._sessions[n].reason.startswith("waiting for memory")]
         for name in scheduler.priority_order([self._sessions[n].flavour for n in waiting], self.default):
             s = self._sessions[name]
-            try:
-                self.fit_check(s.flavour, self.running_memory())
-            except NotEnoughMemory as e:
-                self._set(s, S.AVAILABLE, f"waiting for memory: {e}")
+            if not self._fits(s, waiting_reason=True):
                 continue
-            self._queue.append(scheduler.QueueEntry(name, False))
             self._set(s, S.QUEUED, "restoring while idle")
-            self._dispatch()
+            self._start_job(s)  # checked just now: straight to the restore
             return
 
     def _start_job(self, s: _Session) -> None:
@@ -339,7 +359,9 @@ class Engine:
         s.bytes_done = 0
         s.bytes_total = s.flavour.statefile.size if has_state else 0
         s.origin = ""
-        (self._rundir(s.flavour.name) / RAN_MARKER).unlink(missing_ok=True)
+        rundir = self._rundir(s.flavour.name)
+        rundir.mkdir(parents=True, exist_ok=True)
+        (rundir / RAN_MARKER).unlink(missing_ok=True)
         if has_state:
             self._set(s, S.RESTORING, "reading the statefile")
         else:
@@ -399,7 +421,7 @@ class Engine:
             self._active.pop(name, None)
             if guest is not None:
                 if self._closing:
-                    guest.stop()
+                    self._stop_guest(guest)
                 else:
                     s.guest = guest
                     s.origin = origin
@@ -419,55 +441,81 @@ class Engine:
 
     # -- actions --------------------------------------------------------------------
     def pause(self, name: str) -> None:
-        with self._lock:
-            s = self._get(name)
-            self._require(s, "pause")
-            assert s.guest is not None
-            s.guest.pause()
-            self._set(s, S.PAUSED, "paused")
+        self._guest_call(name, "pause", S.PAUSED, "paused")
 
     def resume(self, name: str) -> None:
+        self._guest_call(name, "resume", S.RUNNING, "resumed")
+
+    def _guest_call(self, name: str, action: str, then: State, reason: str) -> None:
+        """Pause or resume: the hypervisor is asked outside the lock (a hung monitor
+        must not freeze every reader), the state changes only if nothing else did."""
         with self._lock:
             s = self._get(name)
-            self._require(s, "resume")
-            assert s.guest is not None
-            s.guest.resume()
-            self._set(s, S.RUNNING, "resumed")
+            self._require_idle(s, action)
+            self._require(s, action)
+            guest = s.guest
+            assert guest is not None  # running and paused sessions always have one
+        getattr(guest, action)()
+        with self._lock:
+            if s.guest is guest and s.state in ACTIONS[action]:
+                self._set(s, then, reason)
+
+    def _require_idle(self, s: _Session, action: str) -> None:
+        if s.busy:
+            raise InvalidState(s.flavour.name, action, "stopping", ["any state once it has stopped"])
+
+    def _stop_guest(self, guest: Guest) -> None:
+        """Stop a guest; a hypervisor that fails to is logged, not raised, so the
+        caller's other guests and state changes still happen."""
+        try:
+            guest.stop()
+        except XSessionError as e:
+            log.error("stopping %s failed: %s", getattr(guest, "name", "?"), e)
+
+    def _take_guest_away(self, s: _Session, action: str) -> Guest | None:
+        """Detach the session's guest for stopping; the session is busy until
+        :meth:`_release` (lock held)."""
+        self._require_idle(s, action)
+        self._require(s, action)
+        guest, s.guest = s.guest, None
+        s.busy = guest is not None
+        if guest is not None:
+            self._forget_guest(s.flavour.name)  # stopped on purpose: nothing to adopt
+        return guest
+
+    def _release(self, s: _Session, guest: Guest | None) -> None:
+        if guest is not None:
+            self._stop_guest(guest)
+        with self._lock:
+            s.busy = False
 
     def stop(self, name: str) -> None:
         with self._lock:
             s = self._get(name)
-            self._require(s, "stop")
+            guest = self._take_guest_away(s, "stop")
             if s.state is S.QUEUED:
                 self._queue = [e for e in self._queue if e.name != name]
-            guest, s.guest = s.guest, None
             s.held = True
             self._set(s, S.STOPPED, "stopped on request")
-        if guest is not None:
-            guest.stop()
-            self._forget_guest(name)
+        self._release(s, guest)
         with self._lock:
             self._dispatch()
 
     def _forget_guest(self, name: str) -> None:
         """A guest stopped on purpose is nothing a restarted manager should adopt or report."""
-        (self._rundir(name) / "guest.json").unlink(missing_ok=True)
+        for record in ("guest.json", RAN_MARKER):
+            (self._rundir(name) / record).unlink(missing_ok=True)
 
     def reset(self, name: str) -> SessionView:
         """Throw the session away and restore it again from the pristine statefile."""
         with self._lock:
             s = self._get(name)
-            self._require(s, "reset")
-            guest, s.guest = s.guest, None
-        if guest is not None:
-            guest.stop()
-        shutil.rmtree(self._rundir(name), ignore_errors=True)
-        with self._lock:
-            if s.state is S.AVAILABLE:
-                pass
-            elif s.state not in (S.STOPPED, S.FAILED):
+            guest = self._take_guest_away(s, "reset")
+            if s.state in (S.RUNNING, S.PAUSED):
                 self._set(s, S.STOPPED, "reset: discarded")
-            return self.activate(name)
+        self._release(s, guest)
+        shutil.rmtree(self._rundir(name), ignore_errors=True)
+        return self.activate(name)
 
     def set_default(self, name: str) -> None:
         with self._lock:
@@ -479,12 +527,16 @@ class Engine:
         with self._lock:
             self._medium_ok = False
             self.warnings.append(why)
+            self._medium_warnings.append(why)
             self._emit("warnings", None)
 
     def medium_returned(self) -> None:
         """Retry the sessions whose restore failed because the medium was gone."""
         with self._lock:
             self._medium_ok = True
+            self.warnings = [w for w in self.warnings if w not in self._medium_warnings]
+            self._medium_warnings.clear()
+            self._emit("warnings", None)
             for s in self._sessions.values():
                 if s.retry_on_medium and s.state is S.FAILED:
                     s.retry_on_medium = False
@@ -539,8 +591,8 @@ class Engine:
                 s.guest = None
         for s, g in guests:
             if stop_guests:
-                g.stop()
                 self._forget_guest(s.flavour.name)
+                self._stop_guest(g)
                 with self._lock:
                     if s.state in (S.RUNNING, S.PAUSED):
                         self._set(s, S.STOPPED, "the manager shut down")

@@ -175,7 +175,10 @@ class Feeder(threading.Thread):
                 self.out_fd = -1
         zstd_error: str | None = None
         if self._proc is not None:
-            err = self._proc.stderr.read() if self._proc.stderr else b""
+            err = b""
+            if self._proc.stderr is not None:
+                with self._proc.stderr:
+                    err = self._proc.stderr.read()
             try:
                 self._proc.wait(30)
             except subprocess.TimeoutExpired:

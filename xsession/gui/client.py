@@ -1,7 +1,7 @@
 """The front-end's view of the session manager: a D-Bus client on Gio, no GTK.
 
 Kept apart from the widgets so that it can be tested and reused alone, and
-so that the front-end depends on the D-Bus API only (DESIGN §6), never on the
+so that the front-end depends on the D-Bus API only (docs/dbus.md), never on the
 engine. Everything it knows arrives by signals:
 
 * ``InterfacesAdded`` / ``InterfacesRemoved`` add and remove sessions;

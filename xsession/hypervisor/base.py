@@ -45,6 +45,10 @@ class Guest(Protocol):
 
     def is_alive(self) -> bool: ...
 
+    def status(self) -> str:
+        """The hypervisor's view: ``running``, ``paused``, or another word of its own."""
+        ...
+
     def on_exit(self, callback: ExitCallback) -> None:
         """Call ``callback(reason)`` when the guest dies, resets or shuts down by itself."""
         ...

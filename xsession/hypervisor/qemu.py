@@ -57,6 +57,8 @@ QEMU_OVERHEAD_MIB = 48
 RESTORE_BASE_TIMEOUT_S = 30.0
 RESTORE_BYTES_PER_S = 2_000_000
 SAVE_TIMEOUT_S = 120.0
+#: how long an exit waits for the SHUTDOWN event that explains it
+EVENT_GRACE_S = 1.0
 
 
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
@@ -143,6 +145,7 @@ class QemuGuest:
         self._exited = threading.Event()
         self._exit_reason: str | None = None
         self._event_reason: str | None = None
+        self._event_seen = threading.Event()
         self.qmp = QMP(name, rundir / "qmp.sock", self._on_event)
         self._watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
         self._watcher.start()
@@ -181,6 +184,8 @@ class QemuGuest:
             self._event_reason = _SHUTDOWN_REASONS["guest-reset"]
         elif event == "GUEST_PANICKED":
             self._event_reason = _SHUTDOWN_REASONS["guest-panic"]
+        if self._event_reason is not None:
+            self._event_seen.set()
 
     def _watch(self) -> None:
         status: int | None
@@ -188,6 +193,10 @@ class QemuGuest:
             status = self._proc.wait()
         else:
             status = _wait_foreign(self._pid)
+        if status is None or status == 0:
+            # QEMU sends SHUTDOWN before it exits, but the event is handled on the QMP
+            # thread, which may lag behind this one: give it a moment to say why
+            self._event_seen.wait(EVENT_GRACE_S if not self._stopping else 0)
         reason = self._event_reason
         if reason is None:
             if status is None:
@@ -202,11 +211,12 @@ class QemuGuest:
         self._exit_reason = reason
         self._exited.set()
         if not self._stopping:
+            self.qmp.close()  # frees its task on the shared QMP loop
             for cb in list(self._exit_callbacks):
                 try:
                     cb(reason)
                 except Exception:
-                    pass
+                    log.exception("exit callback of %s failed", self.name)
 
     def log_tail(self, lines: int = 1) -> str:
         try:
@@ -371,7 +381,11 @@ class QemuBackend:
             except OSError as e:
                 raise HypervisorError(f"start {self.binary}", e.strerror or str(e)) from e
         guest = QemuGuest(flavour.name, rundir, proc, proc.pid)
-        guest.write_record(argv, mode)
+        try:
+            guest.write_record(argv, mode)
+        except OSError as e:
+            guest.stop()
+            raise HypervisorError(f"start {flavour.name}", f"cannot record the guest in {rundir}: {e}") from e
         return guest
 
     # -- restore -----------------------------------------------------------------
@@ -409,8 +423,10 @@ class QemuBackend:
             try:
                 guest.connect(max(1.0, deadline - time.monotonic()))
                 loaded = self._wait_loaded(guest, deadline)
-            except HypervisorError:
+            except HypervisorError as e:
                 if not guest.wait_exit(2.0):
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(str(e)) from None  # reported as the watchdog's
                     raise
                 loaded = False  # QEMU refused the stream: its words are in exit_reason
             result = feeder.result(max(1.0, deadline - time.monotonic()))

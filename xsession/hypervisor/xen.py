@@ -151,6 +151,16 @@ class XenGuest:
         row = xl.domain_exists(str(self.domid), xl=self._xl)
         return row if row is not None and row.name == self.name else None
 
+    def status(self) -> str:
+        """``running``, ``paused`` or ``gone``, as ``xl list`` shows the domain.
+
+        :raises XlError: xl failed for another reason than an unknown domain.
+        """
+        row = self.state()
+        if row is None:
+            return "gone"
+        return "paused" if row.paused else "running"
+
     def is_alive(self) -> bool:
         if self._exit_reason is not None:
             return False

@@ -1,6 +1,6 @@
 """Mastering a QEMU medium: each flavour is booted once, left at its desktop and saved.
 
-The layout it writes (``../../DESIGN`` §3)::
+The layout it writes (as README.md shows it)::
 
     MEDIUM/xenubuntu/manifest.yaml
     MEDIUM/xenubuntu/pool/vmlinuz                  shared kernel
