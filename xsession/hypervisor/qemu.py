@@ -546,6 +546,7 @@ class QemuBackend:
         read_fd, write_fd = os.pipe()
         out = open(part, "wb")
         zstd = None
+        relayed = False  # once the relay runs, it owns (and closes) read_fd
         try:
             if compress:
                 zstd = subprocess.Popen(["zstd", "-q", f"-{level}", "-T0", "--check", "-c"],
@@ -563,6 +564,7 @@ class QemuBackend:
 
             t = threading.Thread(target=relay, name=f"save-{guest.name}", daemon=True)
             t.start()
+            relayed = True
             guest.qmp.send_fd(write_fd, "statefile")
             os.close(write_fd)
             write_fd = -1
@@ -587,9 +589,20 @@ class QemuBackend:
                     raise HypervisorError("zstd", f"status {zstd.returncode}", err.decode(errors="replace"))
             out.flush()
             os.fsync(out.fileno())
+        except BaseException:
+            guest.stop()  # a failed save leaves nothing running and nothing half-written
+            if zstd is not None and zstd.poll() is None:
+                zstd.kill()
+                zstd.wait()
+            part.unlink(missing_ok=True)
+            raise
         finally:
             if write_fd >= 0:
                 os.close(write_fd)
+            if not relayed:
+                os.close(read_fd)
+            if zstd is not None and zstd.stderr is not None:
+                zstd.stderr.close()
             out.close()
         part.replace(dest)
         return SaveResult(path=dest, size=dest.stat().st_size, sha256=sha256_of(dest), raw_size=raw["n"])
