@@ -169,8 +169,9 @@ def _session_properties(v: SessionView) -> dict[str, Any]:
 class Facts(Protocol):
     """The manager-wide facts that the daemon, not the engine, knows."""
 
-    def manager_properties(self) -> dict[str, Any]:
-        """Version, Backend, DefaultFlavour, RestorePolicy, Hardware, Memory, Medium, Warnings as plain values."""
+    def manager_properties(self, only: str | None = None) -> dict[str, Any]:
+        """Version, Backend, DefaultFlavour, RestorePolicy, Hardware, Memory, Medium, Warnings as plain
+        values; with ``only``, costly properties other than that one may be left empty."""
         ...
 
     def medium_problem(self) -> MediumUnavailable | None:
@@ -332,7 +333,7 @@ class SessionsService:
 
     def _get_manager_property(self, con: Gio.DBusConnection, sender: str, path: str, iface: str,
                               prop: str) -> GLib.Variant:
-        return self._variant(iface, prop, self.facts.manager_properties()[prop])
+        return self._variant(iface, prop, self.facts.manager_properties(only=prop)[prop])
 
     def _get_session_property(self, con: Gio.DBusConnection, sender: str, path: str, iface: str,
                               prop: str) -> GLib.Variant:

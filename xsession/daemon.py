@@ -187,7 +187,9 @@ class Daemon:
             self.service.manager_changed()
 
     # -- Facts for the bus ------------------------------------------------------------
-    def manager_properties(self) -> dict[str, Any]:
+    def manager_properties(self, only: str | None = None) -> dict[str, Any]:
+        """The Manager's properties; with ``only``, the costly ones not asked for are
+        left out (``Memory`` plans afresh and, on Xen, runs ``xl info``)."""
         engine = self.engine
         warnings = list(dict.fromkeys(self.warnings + (list(engine.warnings) if engine else [])))
         medium: dict[str, Any] = dict(self.medium.info)
@@ -202,7 +204,7 @@ class Daemon:
             medium["manifest"] = engine.manifest.path
             medium["flavours"] = list(engine.manifest.names)
         mem: dict[str, Any] = {}
-        if engine is not None:
+        if engine is not None and only in (None, "Memory"):
             try:
                 mem = memory.plan(self.backend.host_memory(), self.flavours, engine.options,
                                   engine.running_memory(), overhead=self.backend.overhead_mib,
