@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from gi.repository import Gio, GLib
 
-from .engine import Engine, SessionView, State
+from .engine import PROGRESS_INTERVAL_S, Engine, SessionView, State
 from .errors import DBUS_ERROR_PREFIX, MediumUnavailable, NotAuthorized, XSessionError
 
 __all__ = [
@@ -63,7 +63,6 @@ ACTION_ADMINISTER = "org.xenubuntu.sessions1.administer"
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 API_VERSION = "1"
 #: a front-end showing a progress bar needs no more than this many updates per second
-PROGRESS_INTERVAL_S = 0.1
 PROGRESS_PROPERTIES = frozenset({"Progress", "BytesDone", "BytesTotal"})
 #: Activate's options: name -> D-Bus type
 ACTIVATE_OPTIONS = {"reset": "b", "default": "b", "auth.no_user_interaction": "b"}

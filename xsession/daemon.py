@@ -28,11 +28,11 @@ from typing import Any
 from gi.repository import Gio, GLib
 
 from . import __version__, memory, scheduler
-from .bootopts import DEFAULT_MEDIA, BootOptions, check_flavours, parse_cmdline
+from .bootopts import DEFAULT_MEDIA, BootOptions, parse_cmdline
 from .bus import API_VERSION, BUS_NAME, Authorizer, SessionsService
 from .engine import Engine, State
 from .errors import MediumUnavailable, XSessionError
-from .manifest import MANIFEST_RELPATH, Flavour, Manifest, load_manifest
+from .manifest import MANIFEST_RELPATH, Manifest, load_manifest
 
 __all__ = ["DaemonConfig", "Daemon", "find_medium_root", "main"]
 
@@ -103,7 +103,6 @@ class Daemon:
         self.warnings: list[str] = []
         self.engine: Engine | None = None
         self.backend: Any = None
-        self.flavours: tuple[Flavour, ...] = ()
         self.profile: Any = None
         self.medium = _MediumState(None, [])
         self.service: SessionsService | None = None
@@ -129,17 +128,15 @@ class Daemon:
             self.warnings.append(str(self.medium.problem))
             return
         self._detect_hardware(root)
-        opts = check_flavours(self.options, manifest.names, manifest.default)
-        allowed = set(opts.sessions or manifest.names)
-        self.flavours = tuple(f for f in manifest.flavours if f.name in allowed)
         speed = self.profile.medium.speed if self.profile is not None and self.profile.medium else "unknown"
         cpus = self.profile.cpus if self.profile is not None else (os.cpu_count() or 1)
-        self.engine = Engine(
-            manifest, self.backend, self.config.runtime_dir, self.options,
-            max_parallel=scheduler.parallel_restores(speed, cpus),
-            fit_check=memory.fit_check(self.backend.host_memory, self.flavours, opts,
-                                       overhead=self.backend.overhead_mib, backend=self.backend.name,
-                                       balloon=getattr(self.backend, "balloon_dom0", None)))
+        engine = Engine(manifest, self.backend, self.config.runtime_dir, self.options,
+                        max_parallel=scheduler.parallel_restores(speed, cpus))
+        # the engine reconciled the options with the medium: plan with its flavours and options
+        engine.fit_check = memory.fit_check(self.backend.host_memory, engine.flavours, engine.options,
+                                            overhead=self.backend.overhead_mib, backend=self.backend.name,
+                                            balloon=getattr(self.backend, "balloon_dom0", None))
+        self.engine = engine
 
     def _detect_hardware(self, root: Path) -> None:
         try:
@@ -206,7 +203,7 @@ class Daemon:
         mem: dict[str, Any] = {}
         if engine is not None and only in (None, "Memory"):
             try:
-                mem = memory.plan(self.backend.host_memory(), self.flavours, engine.options,
+                mem = memory.plan(self.backend.host_memory(), engine.flavours, engine.options,
                                   engine.running_memory(), overhead=self.backend.overhead_mib,
                                   backend=self.backend.name).as_dict()
             except (ValueError, XSessionError) as e:

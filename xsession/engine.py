@@ -66,10 +66,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.QUEUED: frozenset({S.RESTORING, S.BOOTING, S.AVAILABLE, S.STOPPED, S.FAILED}),
     S.RESTORING: frozenset({S.RUNNING, S.BOOTING, S.FAILED}),
     S.BOOTING: frozenset({S.RUNNING, S.FAILED}),
-    S.RUNNING: frozenset({S.PAUSED, S.STOPPED, S.FAILED, S.QUEUED}),
-    S.PAUSED: frozenset({S.RUNNING, S.STOPPED, S.FAILED, S.QUEUED}),
+    S.RUNNING: frozenset({S.PAUSED, S.STOPPED, S.FAILED}),
+    S.PAUSED: frozenset({S.RUNNING, S.STOPPED, S.FAILED}),
     S.STOPPED: frozenset({S.QUEUED, S.FAILED}),
-    S.FAILED: frozenset({S.QUEUED, S.STOPPED}),
+    S.FAILED: frozenset({S.QUEUED}),
 }
 
 #: which states each action may start from
@@ -186,6 +186,11 @@ class Engine:
                 log.exception("event subscriber failed on %s", event)
 
     @property
+    def flavours(self) -> tuple[Flavour, ...]:
+        """The flavours this engine manages (the boot options may leave some out)."""
+        return self._flavours
+
+    @property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self._flavours)
 
@@ -220,8 +225,8 @@ class Engine:
                                [st.value for st, nxt in TRANSITIONS.items() if state in nxt])
         changed = state is not s.state or reason != s.reason
         s.state, s.reason = state, reason
-        if state not in (S.RESTORING,):
-            s.bytes_done = s.bytes_total if state in (S.RUNNING, S.PAUSED) and s.bytes_total else s.bytes_done
+        if state in (S.RUNNING, S.PAUSED) and s.bytes_total:
+            s.bytes_done = s.bytes_total
         if changed:
             s.last_change = time.time()
             log.info("%s: %s%s", s.flavour.name, state.value, f" ({reason})" if reason else "",

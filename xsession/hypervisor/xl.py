@@ -22,12 +22,14 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import HypervisorError
+
+T = TypeVar("T")
 
 __all__ = [
     "XlError",
@@ -359,16 +361,24 @@ def mem_set(domain: str, mib: int, *, timeout: float = QUICK, xl: str = XL) -> N
     _run(["mem-set", domain, f"{int(mib)}m"], timeout, xl=xl)
 
 
+def _parsed(args: list[str], parse: Callable[[str], T], timeout: float, xl: str) -> T:
+    """Run an xl verb and parse what it printed; output we cannot parse is xl's failure too.
+
+    :raises XlError: xl failed, or printed something we cannot parse.
+    """
+    r = _run(args, timeout, xl=xl)
+    try:
+        return parse(r.stdout)
+    except ValueError as e:
+        raise XlError(r.argv, 0, f"{e}\n{r.stdout[-500:]}") from e
+
+
 def info(*, timeout: float = QUICK, xl: str = XL) -> XlInfo:
     """``xl info``, parsed.
 
     :raises XlError: xl failed, or printed something we cannot parse.
     """
-    r = _run(["info"], timeout, xl=xl)
-    try:
-        return parse_info(r.stdout)
-    except ValueError as e:
-        raise XlError(r.argv, 0, f"{e}\n{r.stdout[-500:]}") from e
+    return _parsed(["info"], parse_info, timeout, xl)
 
 
 def list_domains(domain: str | None = None, *, timeout: float = QUICK, xl: str = XL) -> list[ListEntry]:
@@ -376,11 +386,7 @@ def list_domains(domain: str | None = None, *, timeout: float = QUICK, xl: str =
 
     :raises XlError: no such domain (when one is named), or xl failed.
     """
-    r = _run(["list", *([domain] if domain else [])], timeout, xl=xl)
-    try:
-        return parse_list(r.stdout)
-    except ValueError as e:
-        raise XlError(r.argv, 0, f"{e}\n{r.stdout[-500:]}") from e
+    return _parsed(["list", *([domain] if domain else [])], parse_list, timeout, xl)
 
 
 def list_long(domain: str | None = None, *, timeout: float = QUICK, xl: str = XL) -> list[DomainConfig]:
@@ -388,11 +394,7 @@ def list_long(domain: str | None = None, *, timeout: float = QUICK, xl: str = XL
 
     :raises XlError: no such domain (when one is named), or xl failed.
     """
-    r = _run(["list", "-l", *([domain] if domain else [])], timeout, xl=xl)
-    try:
-        return parse_list_long(r.stdout)
-    except ValueError as e:
-        raise XlError(r.argv, 0, f"{e}\n{r.stdout[-500:]}") from e
+    return _parsed(["list", "-l", *([domain] if domain else [])], parse_list_long, timeout, xl)
 
 
 def console_argv(domain: str, *, xl: str = XL) -> list[str]:
