@@ -9,8 +9,8 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from xsession.errors import ManifestError, NoSuchFlavour
-from xsession.manifest import load_manifest, manifest_to_dict, parse_manifest
+from xsession.errors import ManifestError, NoSuchFlavour, OutsideMedium
+from xsession.manifest import NAME_RE, load_manifest, manifest_to_dict, parse_manifest
 
 MACHINE = {"machine_type": "pc-i440fx-7.2", "memory_mib": 256, "vcpus": 1, "accel": "tcg", "cpu": "qemu64",
            "vga": "std", "disk_bus": "virtio"}
@@ -68,11 +68,11 @@ def _edit(path: list, value):
 CASES = [
     (["format"], 2, None, "format", "not supported"),
     (["default"], "edubuntu", None, "default", "not a flavour"),
-    (["flavours"], [], None, "flavours", "at least one"),
+    (["flavours"], [], None, "flavours", "1 to 64 flavours"),
     (["flavours", 0, "name"], "Kubuntu!", "Kubuntu!", "name", "lower-case"),
     (["flavours", 0, "priority"], "high", "kubuntu", "priority", "integer"),
     (["flavours", 0, "backend"], "vmware", "kubuntu", "backend", "one of qemu, xen"),
-    (["flavours", 0, "machine", "memory_mib"], 0, "kubuntu", "machine.memory_mib", "at least 1"),
+    (["flavours", 0, "machine", "memory_mib"], 0, "kubuntu", "machine.memory_mib", "from 1 to 1048576"),
     (["flavours", 0, "machine", "memory_mib"], True, "kubuntu", "machine.memory_mib", "boolean"),
     (["flavours", 0, "machine"], KeyError, "kubuntu", "machine", "missing"),
     (["flavours", 0, "statefile", "sha256"], "xyz", "kubuntu", "statefile.sha256", "hexadecimal"),
@@ -144,3 +144,126 @@ def test_any_value_anywhere_gives_a_manifest_or_a_manifest_error(path, value):
         parse(_edit(path, value))
     except ManifestError as e:
         assert str(e).startswith("MEDIUM/xenubuntu/manifest.yaml")
+
+
+# --- hostile manifests: each value that once crashed the daemon before READY --------------
+
+HOSTILE = [
+    (["flavours", 0, "priority"], 2147483648, "kubuntu", "priority", "from -2147483648 to 2147483647"),
+    (["flavours", 0, "name"], "kubuntu\n", "kubuntu\n", "name", "lower-case"),
+    (["flavours", 0, "cold_boot", "timeout_s"], int("9" * 4000), "kubuntu", "cold_boot.timeout_s", "from 1 to 3600"),
+    (["flavours", 0, "cold_boot", "timeout_s"], float("nan"), "kubuntu", "cold_boot.timeout_s", "number"),
+    (["flavours", 0, "cold_boot", "timeout_s"], float("inf"), "kubuntu", "cold_boot.timeout_s", "number"),
+    (["flavours", 0, "statefile", "size"], 18446744073709551616, "kubuntu", "statefile.size", "from 1 to"),
+    (["flavours", 0, "title"], "K" * 50_000, "kubuntu", "title", "1 to 200 characters"),
+    (["flavours", 0, "title"], "Ku\x00buntu", "kubuntu", "title", "control character"),
+    (["flavours", 0, "cold_boot", "cmdline"], "console=ttyS0\nrm", "kubuntu", "cold_boot.cmdline", "control"),
+    (["flavours", 0, "machine", "cpu"], "qemu64 -device evil", "kubuntu", "machine.cpu", "CPU model"),
+    (["flavours", 0, "machine", "machine_type"], "", "kubuntu", "machine.machine_type", "machine type"),
+    (["flavours", 0, "statefile", "path"], "a/" * 600, "kubuntu", "statefile.path", "1 to 1024 characters"),
+    (["created"], "2026-13-45", None, "created", "ISO 8601"),
+]
+
+
+@pytest.mark.parametrize("path,value,flavour,field,words", HOSTILE,
+                         ids=[".".join(map(str, c[0])) + f"={str(c[1])[:12]!r}" for c in HOSTILE])
+def test_out_of_range_values_are_refused_naming_the_field(path, value, flavour, field, words):
+    with pytest.raises(ManifestError) as e:
+        parse(_edit(path, value))
+    assert (e.value.flavour, e.value.field) == (flavour, field)
+    assert words in str(e.value), str(e.value)
+    assert len(str(e.value)) < 400  # the message never carries the whole of a huge value
+
+
+def test_yaml_level_attacks_are_manifest_errors(tmp_path: Path):
+    good = yaml.safe_dump(GOOD)
+    # a date that does not exist, unquoted: YAML's own timestamp would raise ValueError
+    with pytest.raises(ManifestError, match="ISO 8601"):
+        parse_manifest(good + "created: 2026-13-45\n", "m.yaml")
+    assert parse_manifest(good + "created: 2026-12-01T10:00:00Z\n", "m.yaml").created == "2026-12-01T10:00:00Z"
+    with pytest.raises(ManifestError, match="appears twice"):
+        parse_manifest(good + "format: 1\n", "m.yaml")
+    with pytest.raises(ManifestError, match="nesting deeper"):
+        parse_manifest("format: 1\nflavours: " + "[" * 5000 + "]" * 5000 + "\n", "m.yaml")
+    with pytest.raises(ManifestError, match="aliases"):
+        parse_manifest("a: &a [1, 2]\nb: [*a, *a, *a]\n", "m.yaml")
+    with pytest.raises(ManifestError, match="cannot be read|not valid"):
+        parse_manifest("format: " + "9" * 5000 + "\n", "m.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text(good + "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ManifestError, match="larger than"):
+        load_manifest(big)
+
+
+def test_paths_and_links_stay_inside_the_medium(tmp_path: Path):
+    medium = tmp_path / "medium" / "xenubuntu"
+    (medium / "flavours").mkdir(parents=True)
+    (medium / "flavours" / "state.zst").write_bytes(b"x")
+    (medium / "flavours" / "out.zst").symlink_to("/etc/passwd")
+    (medium / "flavours" / "up").symlink_to(tmp_path)
+    (medium / "flavours" / "in.zst").symlink_to("state.zst")
+    m = parse_manifest(yaml.safe_dump(GOOD), str(medium / "manifest.yaml"))
+    assert m.resolve("flavours/in.zst") == (medium / "flavours" / "state.zst").resolve()
+    for rel in ("flavours/out.zst", "flavours/up/x", "flavours/up/medium/xenubuntu/../../secret"):
+        with pytest.raises(OutsideMedium) as e:
+            m.resolve(rel)
+        assert "passwd" not in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+def _publishable(m) -> None:
+    """Every value a flavour puts on D-Bus fits the type the API gives it."""
+    from gi.repository import GLib
+
+    from xsession.bus import _session_properties, session_path
+    from xsession.engine import SessionView, State
+    for f in m.flavours:
+        total = f.statefile.size if f.statefile else 0
+        view = SessionView(f.name, f.title, State.AVAILABLE, "", 0, total, f.priority, f.memory_mib, {}, 0.0, "")
+        types = {"Name": "s", "Title": "s", "State": "s", "StateReason": "s", "Progress": "d", "BytesDone": "t",
+                 "BytesTotal": "t", "Priority": "i", "MemoryMiB": "t", "LastChange": "d"}
+        for prop, value in _session_properties(view).items():
+            if prop in types:
+                GLib.Variant(types[prop], value)
+        GLib.Variant("o", session_path(f.name))
+
+
+_texts = st.one_of(st.text(max_size=300), st.sampled_from(["kubuntu", "kubuntu\n", "a" * 33, "\x00", "\ud800"]))
+_numbers = st.one_of(st.integers(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
+                     st.floats(), st.sampled_from([2147483648, -2147483649, 1 << 64, 0, 1, 3600, 3601]))
+_values = st.recursive(st.one_of(st.none(), st.booleans(), _texts, _numbers),
+                       lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                               st.dictionaries(_texts, inner, max_size=3)), max_leaves=8)
+_fields = st.sampled_from([
+    ["default"], ["created"], ["format"], ["flavours", 0, "name"], ["flavours", 0, "title"],
+    ["flavours", 0, "priority"], ["flavours", 0, "machine", "memory_mib"], ["flavours", 0, "machine", "vcpus"],
+    ["flavours", 0, "machine", "cpu"], ["flavours", 0, "machine", "machine_type"],
+    ["flavours", 0, "statefile", "size"], ["flavours", 0, "statefile", "raw_size"],
+    ["flavours", 0, "statefile", "path"], ["flavours", 0, "cold_boot", "timeout_s"],
+    ["flavours", 0, "cold_boot", "cmdline"], ["flavours", 0, "cold_boot", "ready_line"],
+    ["flavours", 1, "priority"], ["flavours", 1, "title"], ["flavours", 0, "disk"]])
+
+
+@settings(max_examples=400, deadline=None)
+@given(edits=st.lists(st.tuples(_fields, _values), min_size=1, max_size=3))
+def test_generated_manifests_are_in_range_and_publishable_or_refused(edits):
+    """Either a Manifest whose every value fits its D-Bus type, or a ManifestError; nothing else."""
+    data = copy.deepcopy(GOOD)
+    for path, value in edits:
+        target = data
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    # the statefile's machine follows the flavour's, so that edits there reach the range checks
+    data["flavours"][0]["statefile"]["saved_with"] = data["flavours"][0]["machine"]
+    try:
+        text = yaml.safe_dump(data, allow_unicode=True)
+    except (yaml.YAMLError, UnicodeEncodeError):
+        return
+    try:
+        m = parse_manifest(text, "m.yaml")
+    except ManifestError:
+        return
+    _publishable(m)
+    for f in m.flavours:
+        assert NAME_RE.fullmatch(f.name) and -(1 << 31) <= f.priority < (1 << 31)
+        assert 0 < f.cold_boot.timeout_s <= 3600 and "\x00" not in f.title

@@ -116,7 +116,39 @@ def _corrupt_zstd_frame_keep_sha(medium: Path) -> None:
     _rewrite_manifest(medium, edit)
 
 
+def _damage_frame_header_keep_sha(medium: Path) -> None:
+    """Bytes 4-11 (the frame header): zstd gives up at once; the feed must end the
+    restore at once too, in zstd's words (QEMU would wait for input forever)."""
+    path = _statefile(medium, "server")
+    damage(path, offset=4, count=8)
+
+    def edit(data):
+        for f in data["flavours"]:
+            if f["name"] == "server":
+                f["statefile"]["sha256"] = sha256_of(path)
+    _rewrite_manifest(medium, edit)
+
+
+def _link_out_of_the_medium(target: str):
+    def spoil(medium: Path) -> None:
+        path = _statefile(medium, "server")
+        path.unlink()
+        path.symlink_to(target)
+    return spoil
+
+
+def _link_to_a_copy_outside(medium: Path) -> None:
+    """A true statefile, but outside the medium: still refused."""
+    path = _statefile(medium, "server")
+    outside = medium.parent / "outside-state.zst"
+    os.replace(path, outside)
+    path.symlink_to(outside)
+
+
 BAD_STATEFILES = {
+    "damaged-frame-header": (_damage_frame_header_keep_sha, "zstd rejected the stream after"),
+    "link-to-etc-passwd": (_link_out_of_the_medium("/etc/passwd"), "leads out of the medium"),
+    "link-to-a-copy-outside": (_link_to_a_copy_outside, "leads out of the medium"),
     "truncated": (lambda m: damage(_statefile(m, "server"), truncate_to=_statefile(m, "server").stat().st_size // 2),
                   "truncated"),
     "empty": (lambda m: damage(_statefile(m, "server"), empty=True), "empty"),
@@ -139,6 +171,9 @@ def test_a_bad_statefile_is_detected_and_the_flavour_cold_boots(kind, medium, ma
     assert view.state is State.RUNNING, view.reason
     assert view.origin == "cold-booted"
     assert words in view.reason, view.reason
+    assert "watchdog" not in view.reason and "passwd" not in view.reason
+    if kind.startswith("link"):  # nothing of the outside file shows: not its name, not its size
+        assert not any(ch.isdigit() for ch in view.reason.split("leads out")[0].split("flavours/server")[-1])
     assert [s for s, _ in states][-2:] == [State.BOOTING, State.RUNNING]
     log = read_log(view.console["log"])
     assert b"XS-BOOT flavour=server" in log  # it really booted afresh

@@ -7,6 +7,7 @@ Callers catch meanings, not causes::
      +-- NoSuchFlavour          a name that the manifest does not carry
      +-- NotEnoughMemory        a session that does not fit
      +-- MediumUnavailable      the medium (or a file on it) cannot be read
+     +-- OutsideMedium          a manifest path (or a link on it) leads out of the medium
      +-- StatefileCorrupt       a statefile failed its size, sha256 or zstd check
      +-- InvalidState           an action that the session's state forbids
      +-- NotAuthorized          a caller that polkit refused
@@ -28,6 +29,7 @@ __all__ = [
     "NoSuchFlavour",
     "NotEnoughMemory",
     "MediumUnavailable",
+    "OutsideMedium",
     "StatefileCorrupt",
     "InvalidState",
     "NotAuthorized",
@@ -106,6 +108,22 @@ class MediumUnavailable(XSessionError):
 
     def __str__(self) -> str:
         return f"medium unavailable: {self.path}: {self.why}"
+
+
+class OutsideMedium(XSessionError):
+    """A manifest path that leads out of the medium, by ``..`` or by a symbolic link.
+
+    Says nothing of where it leads: the reason is readable by anyone on the bus.
+    """
+
+    dbus_name = "MediumUnavailable"
+
+    def __init__(self, relpath: str):
+        super().__init__(relpath)
+        self.relpath = relpath
+
+    def __str__(self) -> str:
+        return f"{self.relpath} leads out of the medium (a link to another place?); refused"
 
 
 class StatefileCorrupt(XSessionError):

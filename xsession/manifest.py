@@ -1,9 +1,17 @@
 """The medium's ``xenubuntu/manifest.yaml``: parsed once into frozen dataclasses.
 
 Every error names the file, the flavour and the field. Paths in the manifest are
-relative to the folder that holds it and may not leave it. Parsing does no I/O
-beyond reading the one file (:func:`load_manifest`); :func:`parse_manifest`
-takes the text, so the rules are tested as plain functions.
+relative to the folder that holds it and may not leave it, not even through a
+symbolic link (:meth:`Manifest.resolve`). Parsing does no I/O beyond reading the
+one file (:func:`load_manifest`); :func:`parse_manifest` takes the text, so the
+rules are tested as plain functions.
+
+The medium is input like any other: a damaged or hostile manifest must be
+refused with a :class:`~xsession.errors.ManifestError`, never crash the daemon
+that reads it. So the file has a size limit, the YAML is read by a loader that
+refuses duplicate keys, aliases (whose expansion can be exponential) and
+nesting deeper than the schema's, and every value has a range that the D-Bus
+types publishing it can carry (:data:`LIMITS`, also in docs/manifest.md).
 
 A restore must use exactly the guest-visible machine configuration the
 statefile was saved with (QEMU's stream does not carry all of it: a different
@@ -15,6 +23,9 @@ therefore records the configuration it was saved with, and a flavour whose
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -23,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ManifestError, NoSuchFlavour
+from .errors import ManifestError, NoSuchFlavour, OutsideMedium
 
 __all__ = [
     "FORMAT",
@@ -37,12 +48,39 @@ __all__ = [
     "load_manifest",
     "manifest_to_dict",
     "MANIFEST_RELPATH",
+    "MAX_MANIFEST_BYTES",
+    "LIMITS",
 ]
 
 FORMAT = 1
 MANIFEST_RELPATH = "xenubuntu/manifest.yaml"
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: a manifest of 64 flavours is a few tens of KiB: anything this big is not one
+MAX_MANIFEST_BYTES = 1 << 20
+#: the schema nests four levels deep; a little room for what a newer format adds
+MAX_DEPTH = 8
+NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+#: QEMU machine types (``pc-i440fx-7.2``) and Xen domain types (``pvh``)
+MACHINE_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+#: a CPU model with its flags, as ``-cpu`` takes it (``max,-smap``); no spaces, no options of other devices
+CPU_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]{0,255}")
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+#: the ranges of every bounded value (documented in docs/manifest.md):
+#: name -> (least, most); strings: (least, most) characters
+LIMITS: dict[str, tuple[float, float]] = {
+    "flavours": (1, 64),
+    "title": (1, 200),
+    "priority": (INT32_MIN, INT32_MAX),       # D-Bus Priority is an int32
+    "memory_mib": (1, 1 << 20),                # 1 TiB
+    "vcpus": (1, 256),
+    "statefile.size": (1, 1 << 40),            # at most the RAM it holds: 1 TiB
+    "statefile.raw_size": (1, 1 << 40),
+    "cold_boot.timeout_s": (1, 3600),
+    "cold_boot.cmdline": (0, 2048),            # the x86 kernel's COMMAND_LINE_SIZE
+    "cold_boot.ready_line": (1, 256),
+    "path": (1, 1024),
+    "created": (0, 64),
+}
 BACKENDS = ("qemu", "xen")
 COMPRESSIONS = ("zstd", "none")
 
@@ -149,7 +187,16 @@ class Manifest:
         raise NoSuchFlavour(name, self.names)
 
     def resolve(self, relpath: str) -> Path:
-        return self.root / relpath
+        """The file a manifest path names, its links followed, which must stay inside the medium.
+
+        :raises OutsideMedium: the path, or a link on the way, leads out of the manifest's folder;
+            the message names only the manifest's path, nothing of where it leads.
+        """
+        root = os.path.realpath(self.root)
+        real = os.path.realpath(os.path.join(root, relpath))
+        if os.path.commonpath([root, real]) != root:
+            raise OutsideMedium(relpath)
+        return Path(real)
 
 
 class _Reader:
@@ -181,11 +228,43 @@ class _Reader:
             raise self.error(f"must be {_kind_name(kind)}, not {type(value).__name__}", self._field(key))
         return value
 
-    def positive_int(self, key: str, default: Any = ..., maximum: int | None = None) -> int:
+    def int_in(self, key: str, limit: str, default: Any = ...) -> int:
+        """An integer within ``LIMITS[limit]``."""
         value = self.get(key, int, default)
-        if value < 1 or (maximum is not None and value > maximum):
-            bound = f" and at most {maximum}" if maximum is not None else ""
-            raise self.error(f"must be at least 1{bound}, got {value}", self._field(key))
+        low, high = LIMITS[limit]
+        if not low <= value <= high:
+            raise self.error(f"must be from {int(low)} to {int(high)}, got {_short(value)}", self._field(key))
+        return int(value)
+
+    def number_in(self, key: str, limit: str, default: Any = ...) -> float:
+        """A finite number within ``LIMITS[limit]`` (``.nan`` and ``.inf`` are not)."""
+        value = self.get(key, (int, float), default)
+        low, high = LIMITS[limit]
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number) or not low <= number <= high:
+            raise self.error(f"must be a number from {low:g} to {high:g}, got {_short(value)}", self._field(key))
+        return number
+
+    def text(self, key: str, limit: str, default: Any = ...) -> Any:
+        """A string of printable characters (no control characters, valid UTF-8) within a length range."""
+        value = self.get(key, str, default)
+        if value is None or value is default:
+            return value
+        low, high = LIMITS[limit]
+        if not low <= len(value) <= high:
+            raise self.error(f"must be {int(low)} to {int(high)} characters long, got {len(value)}", self._field(key))
+        bad = next((c for c in value if ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 or 0xd800 <= ord(c) < 0xe000), None)
+        if bad is not None:
+            raise self.error(f"must not contain the control character {bad!r}", self._field(key))
+        return value
+
+    def matching(self, key: str, pattern: re.Pattern[str], what: str, default: Any = ...) -> str:
+        value = self.get(key, str, default)
+        if not pattern.fullmatch(value):
+            raise self.error(f"must be {what}, got {_short(value)}", self._field(key))
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
@@ -195,7 +274,7 @@ class _Reader:
         return value
 
     def relpath(self, key: str, default: Any = ...) -> Any:
-        value = self.get(key, str, default)
+        value = self.text(key, "path", default)
         if value is None or value is default:
             return value
         norm = posixpath.normpath(value)
@@ -215,6 +294,12 @@ class _Reader:
                 raise self.error("is not a known field", self._field(str(key)))
 
 
+def _short(value: Any) -> str:
+    """A value for an error message: never the whole of a huge one."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {int: "an integer", str: "a string", dict: "a mapping", list: "a list", float: "a number", bool: "a boolean"}
@@ -224,11 +309,11 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def _machine(r: _Reader) -> MachineConfig:
     r.reject_unknown({f.name for f in dataclasses.fields(MachineConfig)})
     return MachineConfig(
-        machine_type=r.get("machine_type", str),
-        memory_mib=r.positive_int("memory_mib", maximum=1 << 20),
-        vcpus=r.positive_int("vcpus", 1, maximum=256),
+        machine_type=r.matching("machine_type", MACHINE_TYPE_RE, "a machine type such as 'pc-i440fx-7.2' or 'pvh'"),
+        memory_mib=r.int_in("memory_mib", "memory_mib"),
+        vcpus=r.int_in("vcpus", "vcpus", 1),
         accel=r.choice("accel", ("tcg", "kvm"), "tcg"),
-        cpu=r.get("cpu", str, "qemu64"),
+        cpu=r.matching("cpu", CPU_RE, "a CPU model with optional flags, such as 'qemu64' or 'max,-smap'", "qemu64"),
         vga=r.choice("vga", ("std", "none"), "std"),
         disk_bus=r.choice("disk_bus", ("virtio", "ide", "none"), "virtio"),
     )
@@ -238,7 +323,7 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     name = raw.get("name") if isinstance(raw, dict) else None
     r = _Reader(path, raw, name if isinstance(name, str) else f"#{index + 1}", "")
     name = r.get("name", str)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise r.error("must be lower-case letters, digits or '_', starting with a letter, at most 32 long", "name")
     r.reject_unknown({"name", "title", "priority", "backend", "machine", "disk", "statefile", "cold_boot"})
     backend = r.choice("backend", BACKENDS, "qemu")
@@ -253,16 +338,14 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     statefile = None
     if sf_r is not None:
         sf_r.reject_unknown({"path", "size", "sha256", "compression", "raw_size", "saved_with"})
-        sha = sf_r.get("sha256", str)
-        if not SHA256_RE.match(sha):
-            raise sf_r.error("must be 64 lower-case hexadecimal digits", "statefile.sha256")
+        sha = sf_r.matching("sha256", SHA256_RE, "64 lower-case hexadecimal digits")
         saved_with = _machine(sf_r.sub("saved_with"))  # type: ignore[arg-type]
         statefile = Statefile(
             path=sf_r.relpath("path"),
-            size=sf_r.positive_int("size"),
+            size=sf_r.int_in("size", "statefile.size"),
             sha256=sha,
             compression=sf_r.choice("compression", COMPRESSIONS),
-            raw_size=sf_r.positive_int("raw_size"),
+            raw_size=sf_r.int_in("raw_size", "statefile.raw_size"),
             saved_with=saved_with,
         )
         diffs = machine.differences(saved_with)
@@ -272,20 +355,17 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     cb_r = r.sub("cold_boot")
     assert cb_r is not None
     cb_r.reject_unknown({"kernel", "initrd", "cmdline", "ready_line", "timeout_s"})
-    timeout = cb_r.get("timeout_s", (int, float), 120.0)
-    if timeout <= 0:
-        raise cb_r.error("must be positive", "cold_boot.timeout_s")
     cold_boot = ColdBoot(
         kernel=cb_r.relpath("kernel"),
         initrd=cb_r.relpath("initrd"),
-        cmdline=cb_r.get("cmdline", str, ""),
-        ready_line=cb_r.get("ready_line", str),
-        timeout_s=float(timeout),
+        cmdline=cb_r.text("cmdline", "cold_boot.cmdline", ""),
+        ready_line=cb_r.text("ready_line", "cold_boot.ready_line"),
+        timeout_s=cb_r.number_in("timeout_s", "cold_boot.timeout_s", 120.0),
     )
     return Flavour(
         name=name,
-        title=r.get("title", str, name),
-        priority=r.get("priority", int, 100),
+        title=r.text("title", "title", name),
+        priority=r.int_in("priority", "priority", 100),
         backend=backend,
         machine=machine,
         disk=disk,
@@ -299,18 +379,23 @@ def parse_manifest(text: str, path: str = MANIFEST_RELPATH) -> Manifest:
 
     :raises ManifestError: naming the file, the flavour and the field.
     """
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(path, f"is {len(text)} characters long; a manifest is at most {MAX_MANIFEST_BYTES}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader, stricter still
     except yaml.YAMLError as e:
-        raise ManifestError(path, f"is not valid YAML: {e}") from e
+        raise ManifestError(path, f"is not valid YAML: {_short_yaml_error(e)}") from e
+    except (ValueError, OverflowError, RecursionError) as e:  # an integer of 5000 digits, say
+        raise ManifestError(path, f"holds a value that cannot be read: {str(e)[:200]}") from e
     top = _Reader(path, data)
     top.reject_unknown({"format", "default", "created", "flavours"})
     fmt = top.get("format", int)
     if fmt != FORMAT:
         raise top.error(f"format {fmt} is not supported (this manager reads format {FORMAT})", "format")
     raw_flavours = top.get("flavours", list)
-    if not raw_flavours:
-        raise top.error("must list at least one flavour", "flavours")
+    low, high = LIMITS["flavours"]
+    if not low <= len(raw_flavours) <= high:
+        raise top.error(f"must list {int(low)} to {int(high)} flavours, got {len(raw_flavours)}", "flavours")
     flavours = tuple(_flavour(path, raw, i) for i, raw in enumerate(raw_flavours))
     seen: set[str] = set()
     for f in flavours:
@@ -319,21 +404,77 @@ def parse_manifest(text: str, path: str = MANIFEST_RELPATH) -> Manifest:
         seen.add(f.name)
     default = top.get("default", str, flavours[0].name)
     if default not in seen:
-        raise top.error(f"names {default!r}, which is not a flavour of this manifest", "default")
-    created = top.get("created", str, "")
+        raise top.error(f"names {_short(default)}, which is not a flavour of this manifest", "default")
+    created = top.text("created", "created", "")
+    if created:
+        try:
+            datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+        except ValueError:
+            raise top.error(f"must be an ISO 8601 date and time, got {_short(created)}", "created") from None
     return Manifest(path=path, default=default, flavours=flavours, created=created)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter: no duplicate keys (which one would win is a
+    guess), no aliases (their expansion can be exponential), no nesting deeper
+    than :data:`MAX_DEPTH`, and dates left as text for the schema to judge (a
+    date such as ``2026-13-45`` otherwise raises from inside the loader)."""
+
+    yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+                               for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a manifest",
+                                              event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: the base class names it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {_short(key)} appears twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _short_yaml_error(e: yaml.YAMLError) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest file.
 
-    :raises ManifestError: the file cannot be read or does not validate.
+    :raises ManifestError: the file cannot be read, is too big or does not validate.
     """
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
         raise ManifestError(path, f"cannot be read: {e.strerror or e}") from e
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(path, f"is larger than {MAX_MANIFEST_BYTES} bytes; it cannot be a manifest")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ManifestError(path, f"is not UTF-8 text: {e}") from e
     return parse_manifest(text, path)

@@ -105,6 +105,17 @@ class Feeder(threading.Thread):
         if proc is not None and proc.poll() is None:
             proc.kill()
 
+    def failure(self) -> FeedResult | None:
+        """The result, if the feed has already ended badly (without waiting).
+
+        A decompressor that rejects the stream at once leaves the hypervisor waiting
+        for input that never comes: the restore asks this while it waits, to end at once.
+        """
+        result = self._result
+        if result is not None and (result.problem is not None or result.medium_error is not None):
+            return result
+        return None
+
     def result(self, timeout: float) -> FeedResult:
         """:raises TimeoutError: the feed did not end in time."""
         self.join(timeout)
@@ -159,6 +170,8 @@ class Feeder(threading.Thread):
                                 _write_all(self.out_fd, block)
                         except OSError:
                             reader_gone = True
+                            if self._decompressor_failed():
+                                break  # its own words are the diagnosis: no need to read on
                     h.update(block)  # after the write: hashing overlaps the decompression
                     if self.progress is not None:
                         self.progress(done, self.sf.size)
@@ -188,7 +201,8 @@ class Feeder(threading.Thread):
                 reader_gone = True  # the hypervisor closed the stream; zstd could not write on
             elif self._proc.returncode != 0:
                 words = err.decode(errors="replace").strip().splitlines()
-                zstd_error = words[-1].rsplit(" : ", 1)[-1] if words else f"status {self._proc.returncode}"
+                zstd_error = (" ".join(words[-1].split())[:300] if words
+                              else f"it exited with status {self._proc.returncode}")
         digest = h.hexdigest()
         # the most telling diagnosis first
         problem: str | None = None
@@ -196,6 +210,8 @@ class Feeder(threading.Thread):
             pass
         elif self._cancel.is_set():
             problem = "the feed was cancelled"
+        elif zstd_error is not None and done < self.sf.size:
+            problem = f"zstd rejected the stream after {done} of {self.sf.size} bytes: {zstd_error}"
         elif done != self.sf.size:
             problem = f"read {done} bytes, expected {self.sf.size}"
         elif digest != self.sf.sha256:
@@ -203,6 +219,18 @@ class Feeder(threading.Thread):
         elif zstd_error is not None:
             problem = f"zstd rejected the stream: {zstd_error}"
         self._result = FeedResult(done, digest, problem, medium_error, reader_gone)
+
+
+    def _decompressor_failed(self) -> bool:
+        """Whether zstd ended by itself with an error (not because its reader left)."""
+        proc = self._proc
+        if proc is None:
+            return False
+        try:
+            status = proc.wait(0.2)  # a closed stdin is zstd's own end, a moment away
+        except subprocess.TimeoutExpired:
+            return False
+        return status not in (0, -signal.SIGPIPE)
 
 
 class _MediumError(Exception):

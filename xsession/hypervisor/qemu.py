@@ -422,7 +422,7 @@ class QemuBackend:
         try:
             try:
                 guest.connect(max(1.0, deadline - time.monotonic()))
-                loaded = self._wait_loaded(guest, deadline)
+                loaded = self._wait_loaded(guest, deadline, feeder)
             except HypervisorError as e:
                 if not guest.wait_exit(2.0):
                     if time.monotonic() >= deadline:
@@ -448,13 +448,14 @@ class QemuBackend:
             raise
 
     @staticmethod
-    def _wait_loaded(guest: QemuGuest, deadline: float) -> bool:
-        """Poll until the incoming stream is loaded (the guest waits, paused); False if QEMU died.
+    def _wait_loaded(guest: QemuGuest, deadline: float, feeder: Feeder) -> bool:
+        """Poll until the incoming stream is loaded (the guest waits, paused); False if QEMU died
+        or the feed failed (QEMU then waits for input that never comes: its verdict is the feed's).
 
         :raises TimeoutError: the watchdog's deadline passed.
         """
         while time.monotonic() < deadline:
-            if not guest.is_alive():
+            if not guest.is_alive() or feeder.failure() is not None:
                 return False
             try:
                 status = guest.status(timeout=max(0.5, deadline - time.monotonic()))
