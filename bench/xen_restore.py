@@ -116,7 +116,7 @@ def write_results(section: str, path: Path) -> None:
     """Replace (or append) the "## Xen" section of RESULTS.md, leaving the others alone."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == "## Xen"), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## Xen"), None)
     if start is None:
         path.write_text(text.rstrip("\n") + "\n\n" + section)
         return

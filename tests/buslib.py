@@ -183,7 +183,7 @@ class Daemon:
 
 
 def start_daemon(address: str, runtime_dir: Path, medium: Path, cmdline: str, *, stop_guests: bool = True,
-                 extra: tuple[str, ...] = ()) -> Daemon:
+                 extra: tuple[str, ...] = (), env_extra: dict[str, str] | None = None) -> Daemon:
     """xsessiond as the unit would run it, but on the private bus; not yet ready when it returns."""
     index = len(list(runtime_dir.glob("xsessiond-*.log")))
     log = runtime_dir / f"xsessiond-{index}.log"
@@ -191,7 +191,7 @@ def start_daemon(address: str, runtime_dir: Path, medium: Path, cmdline: str, *,
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(sock_path))
     env = {k: v for k, v in os.environ.items() if k not in ("XENUBUNTU_OPTIONS", "XENUBUNTU_MEDIUM", "JOURNAL_STREAM")}
-    env.update(DBUS_SYSTEM_BUS_ADDRESS=address, NOTIFY_SOCKET=str(sock_path))
+    env.update(DBUS_SYSTEM_BUS_ADDRESS=address, NOTIFY_SOCKET=str(sock_path), **(env_extra or {}))
     argv = [sys.executable, "-m", "xsession.daemon", "--medium", str(medium), "--runtime-dir", str(runtime_dir),
             "--cmdline", cmdline, *(["--stop-guests-on-exit"] if stop_guests else []), *extra]
     with open(log, "ab") as out:

@@ -148,9 +148,9 @@ def xsessiond(private_bus: str, runtime_dir: Path, medium: Path):
     daemons = []
 
     def start(cmdline: str = "xenubuntu.restore=off", *, medium_path: Path | None = None, stop_guests: bool = True,
-              wait: bool = True, extra: tuple[str, ...] = ()):
+              wait: bool = True, extra: tuple[str, ...] = (), env: dict[str, str] | None = None):
         d = start_daemon(private_bus, runtime_dir, medium_path or medium, cmdline, stop_guests=stop_guests,
-                         extra=extra)
+                         extra=extra, env_extra=env)
         daemons.append(d)
         if wait:
             d.wait_ready()

@@ -120,7 +120,8 @@ def test_live_boot_medium_without_casper(tmp_path: Path) -> None:
 def test_quiet_boot_prints_nothing(tmp_path: Path) -> None:
     top = make_initramfs(tmp_path / "initrd", "quiet")
     put_medium(top / "root/cdrom", with_manifest=True)
-    result = subprocess.run([CHROOT, str(top), "/bin/sh", "-c", "quiet=y rootmnt=/root /scripts/casper-bottom/xenubuntu"],
+    result = subprocess.run([CHROOT, str(top), "/bin/sh", "-c",
+                             "quiet=y rootmnt=/root /scripts/casper-bottom/xenubuntu"],
                             capture_output=True, text=True, timeout=30, env={})
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
     assert "etc/xenubuntu/boot.conf" in written(top)

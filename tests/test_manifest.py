@@ -267,3 +267,11 @@ def test_generated_manifests_are_in_range_and_publishable_or_refused(edits):
     for f in m.flavours:
         assert NAME_RE.fullmatch(f.name) and -(1 << 31) <= f.priority < (1 << 31)
         assert 0 < f.cold_boot.timeout_s <= 3600 and "\x00" not in f.title
+
+
+def test_the_documented_ranges_are_the_ones_enforced():
+    from xsession.manifest import LIMITS
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "manifest.md").read_text()
+    for name, (low, high) in LIMITS.items():
+        words = f"{int(low)} to {int(high)}"
+        assert words in doc, f"docs/manifest.md does not give the range of {name}: {words}"

@@ -147,7 +147,7 @@ def test_the_explanation_adds_up(args: dict) -> None:
     rows = [ln.split() for ln in text.splitlines() if ln.split() and ln.split()[0] in p.names(Verdict.NOW)
             + p.later + p.never and len(ln.split()) > 6 and ln.split()[1].lstrip("-").isdigit()]
     assert [r[0] for r in rows] == [d.name for d in p.decisions]
-    for r, d in zip(rows, p.decisions):
+    for r, d in zip(rows, p.decisions, strict=True):
         prio, memory, overhead, need, before = (int(x) for x in r[1:6])
         assert memory + overhead == need == d.need_mib
         assert before == d.free_before_mib and r[6] == d.verdict.value

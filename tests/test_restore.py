@@ -329,7 +329,7 @@ def test_a_flavour_mastered_under_kvm_restores_under_kvm(tmp_path, runtime_dir):
     spec = load_spec(DEMO / "flavours.yaml")
     spec = type(spec)(default="server", flavours=tuple(f for f in spec.flavours if f.name == "server"),
                       kernel=spec.kernel, cmdline=spec.cmdline, disk_mib=spec.disk_mib)
-    manifest = master_medium(spec, CACHE / "guests", tmp_path / "kvm-medium", accel="kvm", report=lambda l: None)
+    manifest = master_medium(spec, CACHE / "guests", tmp_path / "kvm-medium", accel="kvm", report=lambda _line: None)
     guest = QemuBackend().restore(manifest.flavour("server"), manifest, runtime_dir / "server", lambda d, t: None)
     try:
         assert "flavour=server" in ask(guest.console["serial"], "PING kvm")

@@ -16,7 +16,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-__all__ = ["RestorePolicy", "BootOptions", "parse_cmdline", "parse_size_mib", "check_flavours", "split_cmdline", "PREFIX"]
+__all__ = ["RestorePolicy", "BootOptions", "parse_cmdline", "parse_size_mib", "check_flavours", "split_cmdline",
+           "PREFIX"]
 
 PREFIX = "xenubuntu."
 DEFAULT_MEDIA = ("/cdrom", "/run/live/medium")
@@ -104,8 +105,8 @@ def parse_cmdline(cmdline: str) -> BootOptions:
     for word in split_cmdline(cmdline):
         if not word.startswith(PREFIX):
             continue
-        key, eq, value = word[len(PREFIX):].partition("=")
-        values[key] = value if eq else None
+        key, eq, text = word[len(PREFIX):].partition("=")
+        values[key] = text if eq else None
 
     for key, value in values.items():
         shown = f"{PREFIX}{key}" + (f"={value}" if value is not None else "")

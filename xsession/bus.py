@@ -103,7 +103,30 @@ def _return_error(invocation: Gio.DBusMethodInvocation, exc: BaseException) -> N
     invocation.return_dbus_error(dbus_error_name(exc), message)
 
 
+def _return_declared(invocation: Gio.DBusMethodInvocation, result: object) -> None:
+    """Answer with ``result`` as the method's declared out arguments: none, or one value."""
+    out = [arg.signature for arg in invocation.get_method_info().out_args]
+    if not out:
+        invocation.return_value(None)
+    else:
+        invocation.return_value(GLib.Variant("(" + "".join(out) + ")", (result,)))
+
+
 # --- values ---------------------------------------------------------------------------
+
+#: a reason or warning longer than this is cut: it quotes other programs' output
+MAX_TEXT = 4096
+
+
+def clean_text(text: str) -> str:
+    """A string D-Bus can carry: valid UTF-8 (a lone surrogate from a file name becomes
+    U+FFFD instead of an exception), no NUL (which would cut it), of a bounded length."""
+    if len(text) > MAX_TEXT:
+        text = text[:MAX_TEXT - 3] + "..."
+    if text.isascii() and "\0" not in text:
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").replace("\0", "\ufffd")
+
 
 def to_variant(value: Any) -> GLib.Variant:
     """A plain Python value as the variant a front-end expects inside ``a{sv}``.
@@ -115,20 +138,24 @@ def to_variant(value: Any) -> GLib.Variant:
     if isinstance(value, bool):
         return GLib.Variant("b", value)
     if isinstance(value, int):
-        return GLib.Variant("x", value)
+        if -(1 << 63) <= value < (1 << 63):
+            return GLib.Variant("x", value)
+        if 0 <= value < (1 << 64):
+            return GLib.Variant("t", value)
+        return GLib.Variant("s", str(value))  # beyond every D-Bus integer: shown, not dropped
     if isinstance(value, float):
         return GLib.Variant("d", value)
     if isinstance(value, str):
-        return GLib.Variant("s", value)
+        return GLib.Variant("s", clean_text(value))
     if isinstance(value, Mapping):
         return GLib.Variant("a{sv}", vardict(value))
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return GLib.Variant("as", list(value))
+        return GLib.Variant("as", [clean_text(v) for v in value])
     raise TypeError(f"no D-Bus form for {value!r}")
 
 
 def vardict(values: Mapping[str, Any]) -> dict[str, GLib.Variant]:
-    return {str(k): to_variant(v) for k, v in values.items()}
+    return {clean_text(str(k)): to_variant(v) for k, v in values.items()}
 
 
 def introspection_xml() -> str:
@@ -324,6 +351,10 @@ class SessionsService:
         info = self._ifaces[iface].lookup_property(prop)
         if info.signature == "a{sv}":
             return GLib.Variant("a{sv}", vardict(value))
+        if info.signature == "s":
+            return GLib.Variant("s", clean_text(value))
+        if info.signature == "as":
+            return GLib.Variant("as", [clean_text(v) for v in value])
         return GLib.Variant(info.signature, value)
 
     def _typed(self, iface: str, props: Mapping[str, Any]) -> dict[str, GLib.Variant]:
@@ -479,16 +510,20 @@ class SessionsService:
             return session_path(name)
 
         self._mutate(invocation, sender, ACTION_ADMINISTER if make_default else ACTION_MANAGE,
-                     not options.get("auth.no_user_interaction", False), act, f"Activate {name}",
-                     reply="(o)")
+                     not options.get("auth.no_user_interaction", False), act, f"Activate {name}")
 
     def _set_default(self, name: str) -> None:
         self._engine().set_default(name)
         self.manager_changed()
 
     def _mutate(self, invocation: Gio.DBusMethodInvocation, sender: str, action: str, interactive: bool,
-                act: Callable[[], object], what: str, reply: str | None = None) -> None:
-        """Authorize, then act in a worker thread and answer from there (Gio allows it)."""
+                act: Callable[[], object], what: str) -> None:
+        """Authorize, then act in a worker thread and answer from there (Gio allows it).
+
+        The reply has the type the introspection data declares for the method called
+        (``Manager.Activate`` returns the session's path, ``Session.Activate`` nothing):
+        a reply of another type is dropped by Gio and the caller waits out its timeout.
+        """
 
         def decided(caller: Caller | None, refusal: XSessionError | None) -> None:
             if refusal is not None:
@@ -505,7 +540,7 @@ class SessionsService:
             except Exception as e:
                 _return_error(invocation, e)
                 return
-            invocation.return_value(GLib.Variant(reply, (result,)) if reply else None)
+            _return_declared(invocation, result)
 
         self.authorizer.check(sender, action, interactive, decided)
 

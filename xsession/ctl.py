@@ -172,7 +172,7 @@ def _table(sessions: list[dict[str, Any]]) -> str:
         rows.append((s.get("Name", ""), s.get("State", ""), progress, f"{s.get('MemoryMiB', 0)} MiB",
                      s.get("StateReason", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4] for r in rows)
 
 
 def _console_lines(name: str, console: dict[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ those that still run; ``--stop-guests-on-exit`` (the demo) stops them instead.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
@@ -33,12 +34,17 @@ from .bus import API_VERSION, BUS_NAME, Authorizer, SessionsService
 from .engine import Engine, State
 from .errors import MediumUnavailable, XSessionError
 from .manifest import MANIFEST_RELPATH, Manifest, load_manifest
+from .sdnotify import Notifier
 
 __all__ = ["DaemonConfig", "Daemon", "find_medium_root", "main"]
 
 log = logging.getLogger("xsession.daemon")
 
 DEFAULT_RUNTIME_DIR = Path("/run/xenubuntu")
+#: in the runtime folder: held (flock) by the one instance that manages it
+LOCK_NAME = "xsessiond.lock"
+#: how often the medium's folder is looked at (a stat of one file)
+MEDIUM_POLL_S = 1
 _DBUS_NAME_FLAG_DO_NOT_QUEUE = 4
 _DBUS_PRIMARY_OWNER = 1
 
@@ -109,7 +115,8 @@ class Daemon:
         self.loop = GLib.MainLoop()
         self._monitor: Any = None
         self._status = ""
-        self._notify_failed = False
+        self._notifier = Notifier()
+        self._lock_fd: int | None = None
 
     # -- start-up --------------------------------------------------------------------
     def _read_medium(self) -> None:
@@ -163,18 +170,50 @@ class Daemon:
         except Exception as e:
             self.warnings.append(f"no udev monitor: medium and memory changes go unnoticed ({e})")
 
+    def _watch_medium_folder(self) -> None:
+        """Look at the medium's manifest every second: a loop-mounted image, a folder or a
+        network share comes and goes without a udev event, and a disc's udev event can
+        come before its filesystem is mounted again."""
+        if self.medium.root is None or self.engine is None:
+            return
+        GLib.timeout_add_seconds(MEDIUM_POLL_S, self._check_medium_folder)
+
+    def _check_medium_folder(self) -> bool:
+        there = self._manifest_there()
+        if there != self.medium.present:
+            if there:
+                self._medium_back()
+            else:
+                self._medium_gone(f"the medium's {MANIFEST_RELPATH} is gone from {self.medium.root}")
+            if self.service is not None:
+                self.service.manager_changed()
+        return GLib.SOURCE_CONTINUE
+
+    def _manifest_there(self) -> bool:
+        return self.medium.root is not None and (self.medium.root / MANIFEST_RELPATH).is_file()
+
+    def _medium_gone(self, why: str) -> None:
+        if not self.medium.present:
+            return  # udev and the folder watch both saw it
+        self.medium.present = False
+        if self.engine is not None:
+            self.engine.medium_removed(why)
+
+    def _medium_back(self) -> None:
+        if self.medium.present or not self._manifest_there():
+            return  # a disc whose filesystem is not mounted yet: the folder watch sees it later
+        self.medium.present = True
+        if self.engine is not None:
+            self.engine.medium_returned()
+
     def _on_hardware(self, event: Any) -> None:
         """udev events (main loop)."""
         from .hardware import MediumChanged, MediumEjected, MemoryAdded
         if isinstance(event, MediumEjected):
-            self.medium.present = False
-            if self.engine is not None:
-                self.engine.medium_removed(f"the medium was removed ({event.device}: {event.reason})")
+            self._medium_gone(f"the medium was removed ({event.device}: {event.reason})")
         elif isinstance(event, MediumChanged):
             if event.same:
-                self.medium.present = True
-                if self.engine is not None:
-                    self.engine.medium_returned()
+                self._medium_back()
             else:
                 self.warnings.append(f"{event.device} holds another disc ({event.fs_label or event.fs_uuid}), "
                                      "not the XenUbuntu medium")
@@ -222,20 +261,14 @@ class Daemon:
     def medium_problem(self) -> MediumUnavailable | None:
         if self.medium.problem is not None:
             return self.medium.problem
-        if not self.medium.present:
+        if not self.medium.present or not self._manifest_there():  # now, not at the last look
             return MediumUnavailable(str(self.medium.root), "the medium was removed; put it back")
         return None
 
     # -- systemd --------------------------------------------------------------------
     def _notify(self, text: str) -> None:
-        if not os.environ.get("NOTIFY_SOCKET"):
-            return
-        try:
-            from systemd import daemon as sd
-            sd.notify(text)
-        except Exception as e:  # readiness is systemd's business; never fatal here
-            log.log(logging.DEBUG if self._notify_failed else logging.WARNING, "sd_notify failed: %s", e)
-            self._notify_failed = True
+        """Never blocks: the main loop must not wait on a supervisor that stopped reading."""
+        self._notifier.notify(text)
 
     def _status_line(self) -> str:
         if self.engine is None:
@@ -252,7 +285,36 @@ class Daemon:
         return GLib.SOURCE_REMOVE
 
     # -- running ----------------------------------------------------------------------
+    def _lock_runtime_dir(self) -> str | None:
+        """Take the runtime folder for this instance alone; None, or why not.
+
+        Before any session is read: a second instance must not adopt, restore or
+        delete what the first one manages. The lock goes with the process (no stale
+        lock after a crash) and is not inherited by guests (close-on-exec).
+        """
+        path = self.config.runtime_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            return f"cannot open {path}: {e.strerror or e}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            return f"another xsessiond (pid {holder}) manages {self.config.runtime_dir}; this one exits"
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return None
+
     def run(self) -> int:
+        refusal = self._lock_runtime_dir()
+        if refusal is not None:
+            log.error("%s", refusal)
+            return 1
         self._read_medium()
         for w in self.warnings + (list(self.engine.warnings) if self.engine else []):
             log.warning("%s", w)
@@ -275,13 +337,14 @@ class Daemon:
                                   GLib.VariantType("(u)"), Gio.DBusCallFlags.NONE, 10_000, None).unpack()[0]
         except GLib.Error as e:
             log.error("cannot own %s: %s", BUS_NAME, e.message)
-            self._end(con)
+            self._end(con, stop_guests=False)
             return 1
         if reply != _DBUS_PRIMARY_OWNER:
-            log.error("%s is owned by another process already", BUS_NAME)
-            self._end(con)
+            log.error("%s is owned by another process already; this one exits", BUS_NAME)
+            self._end(con, stop_guests=False)  # it never managed them: leave the guests as they are
             return 1
         self._watch_udev()
+        self._watch_medium_folder()
         if self.engine is not None:
             self.engine.start()
         self._status = self._status_line()
@@ -300,7 +363,7 @@ class Daemon:
         self.loop.quit()
         return GLib.SOURCE_REMOVE
 
-    def _end(self, con: Gio.DBusConnection) -> None:
+    def _end(self, con: Gio.DBusConnection, stop_guests: bool | None = None) -> None:
         """Withdraw from the bus first (no call may start now), then let go of the engine."""
         self._notify("STOPPING=1")
         if self.service is not None:
@@ -308,7 +371,7 @@ class Daemon:
         if self._monitor is not None:
             self._monitor.close()
         if self.engine is not None:
-            self.engine.shutdown(stop_guests=self.config.stop_guests_on_exit)
+            self.engine.shutdown(stop_guests=self.config.stop_guests_on_exit if stop_guests is None else stop_guests)
         try:
             con.flush_sync(None)
         except GLib.Error:

@@ -51,7 +51,7 @@ def ensure_demo_medium(cache: Path = CACHE, report=print) -> Path:
         inputs = [DEMO / "flavours.yaml", guests / "vmlinuz", *guests.glob("initrd-*.cpio")]
         if not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs):
             report("mastering the demo medium (each flavour boots once and is saved) ...")
-            master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium, report=lambda l: report("  " + l))
+            master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium, report=lambda line: report("  " + line))
     return medium
 
 
@@ -82,16 +82,38 @@ def _wait_ready(notify: socket.socket, daemon: subprocess.Popen[bytes], timeout:
     raise RuntimeError(f"xsessiond was not ready within {timeout:.0f} s")
 
 
-def _end(proc: subprocess.Popen | None, timeout: float = 60.0) -> None:
-    """SIGTERM, then SIGKILL if it does not go in time; idempotent."""
+def _end(proc: subprocess.Popen | None, timeout: float = 15.0) -> bool:
+    """SIGTERM, then SIGKILL if it does not go in time; idempotent. False if it had to be killed."""
     if proc is None or proc.poll() is not None:
-        return
+        return True
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout)
+        return True
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+        return False
+
+
+def _end_leftover_guests(runtime: Path) -> list[str]:
+    """Guests the demo's daemon started but could not stop (it was killed): each session's
+    record names its QEMU's pid; only a QEMU of that session is ended."""
+    ended = []
+    for record in runtime.glob("sessions/*/guest.json"):
+        try:
+            info = json.loads(record.read_text())
+            pid, name = int(info["pid"]), str(info["name"])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if f"process=xsession-{name}".encode() in cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                ended.append(name)
+            except ProcessLookupError:
+                pass
+    return ended
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as e:
         print(f"xsession-demo: {e}", file=sys.stderr)
     finally:
-        _end(daemon)  # --stop-guests-on-exit: it stops its guests before it exits
+        # Ctrl-C again while cleaning up must not leave guests behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if not _end(daemon):  # --stop-guests-on-exit: it stops its guests before it exits
+            left = _end_leftover_guests(runtime)
+            if left:
+                print(f"xsessiond did not end in time; ended its guests {', '.join(left)}", file=sys.stderr)
         _end(bus)
         notify.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -281,7 +281,7 @@ class Engine:
                 except XSessionError:
                     paused = False
                 self._set(s, S.PAUSED if paused else S.RUNNING, "adopted from the previous manager")
-                guest.on_exit(lambda reason, s=s, g=guest: self._guest_exited(s, g, reason))
+                guest.on_exit(self._exit_watcher(s, guest))
                 adopted.append(name)
         return adopted
 
@@ -360,9 +360,10 @@ class Engine:
             return
 
     def _start_job(self, s: _Session) -> None:
-        has_state = s.flavour.statefile is not None
+        statefile = s.flavour.statefile
+        has_state = statefile is not None
         s.bytes_done = 0
-        s.bytes_total = s.flavour.statefile.size if has_state else 0
+        s.bytes_total = statefile.size if statefile is not None else 0
         s.origin = ""
         rundir = self._rundir(s.flavour.name)
         rundir.mkdir(parents=True, exist_ok=True)
@@ -403,6 +404,8 @@ class Engine:
                 except MediumUnavailable:
                     raise
                 except XSessionError as e:
+                    if self._closing:
+                        raise  # no cold boot for a manager that is going away
                     log.warning("%s: statefile unusable: %s", name, e, extra={"SESSION": name})
                     with self._lock:
                         self._set(s, S.BOOTING, f"cold booting: {e}")
@@ -432,8 +435,12 @@ class Engine:
                     s.origin = origin
                     _mark_ran(rundir)
                     self._set(s, S.RUNNING, reason)
-                    guest.on_exit(lambda why, s=s, g=guest: self._guest_exited(s, g, why))
+                    guest.on_exit(self._exit_watcher(s, guest))
             self._dispatch()
+
+    def _exit_watcher(self, s: _Session, guest: Guest) -> Callable[[str], None]:
+        """The callback that tells this session that this guest ended by itself."""
+        return lambda reason: self._guest_exited(s, guest, reason)
 
     def _guest_exited(self, s: _Session, guest: Guest, reason: str) -> None:
         with self._lock:
@@ -582,14 +589,22 @@ class Engine:
                     raise TimeoutError(f"{name} is {s.state.value}, not {sorted(x.value for x in states)}")
                 self._idle.wait(left)
 
-    def shutdown(self, stop_guests: bool = True, timeout: float = 60.0) -> None:
-        """End the engine: wait for restores in flight, then stop (or leave) the guests."""
+    def shutdown(self, stop_guests: bool = True, timeout: float = 30.0) -> None:
+        """End the engine: cancel restores in flight, then stop (or leave) the guests.
+
+        A restore cut short is redone by the next manager (no ``ran`` marker), so
+        nothing is lost by cancelling it; waiting for it could take minutes.
+        """
         with self._lock:
             self._closing = True
             self._queue.clear()
             active = list(self._active.values())
+        abort = getattr(self.backend, "abort", None)
+        if active and abort is not None:
+            abort()
+        deadline = time.monotonic() + timeout
         for t in active:
-            t.join(timeout)
+            t.join(max(0.1, deadline - time.monotonic()))
         with self._lock:
             guests = [(s, s.guest) for s in self._sessions.values() if s.guest is not None]
             for s, _ in guests:

@@ -262,13 +262,13 @@ class _Reader:
         return value
 
     def matching(self, key: str, pattern: re.Pattern[str], what: str, default: Any = ...) -> str:
-        value = self.get(key, str, default)
+        value: str = self.get(key, str, default)
         if not pattern.fullmatch(value):
             raise self.error(f"must be {what}, got {_short(value)}", self._field(key))
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
-        value = self.get(key, str, default)
+        value: str = self.get(key, str, default)
         if value not in choices:
             raise self.error(f"must be one of {', '.join(choices)}, got {value!r}", self._field(key))
         return value
@@ -302,7 +302,8 @@ def _short(value: Any) -> str:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", str: "a string", dict: "a mapping", list: "a list", float: "a number", bool: "a boolean"}
+    names = {int: "an integer", str: "a string", dict: "a mapping", list: "a list", float: "a number",
+             bool: "a boolean"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -429,14 +430,14 @@ class _StrictLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a manifest",
                                               event.start_mark)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
-                                                  self.peek_event().start_mark)
+                                                  self.peek_event().start_mark)  # type: ignore[no-untyped-call]
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1

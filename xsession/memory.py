@@ -348,7 +348,8 @@ def plan(
         before = free
         if need > capacity:
             verdict, bg = Verdict.NEVER, False
-            reason = f"{sizes}; this machine has {capacity} MiB for sessions ({host.total_mib} total - {reserve} reserve)"
+            reason = (f"{sizes}; this machine has {capacity} MiB for sessions "
+                      f"({host.total_mib} total - {reserve} reserve)")
         elif wants_now and need <= free:
             verdict, bg = Verdict.NOW, False
             free -= need
@@ -476,9 +477,10 @@ def fit_check(
     def check(flavour: FlavourLike, running: Mapping[str, int]) -> None:
         p = plan(memory(), flavours, options, running, overhead, backend)
         check_request(p, flavour.name)
-        target = balloon_target_for(p, flavour.name) if balloon is not None else None
-        if target is not None:
-            balloon(target)
+        if balloon is not None:
+            target = balloon_target_for(p, flavour.name)
+            if target is not None:
+                balloon(target)
 
     return check
 
@@ -500,7 +502,7 @@ def explain(plan: Plan) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 or i >= 6 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1])
+                               for i, (c, w) in enumerate(zip(r, widths, strict=False))) + "  " + r[-1])
     now = [d.need_mib for d in plan.decisions if d.verdict is Verdict.NOW]
     lines += [
         "",

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class Feeder(threading.Thread):
     stream; :meth:`cancel` stops a feed whose reader died.
     """
 
-    def __init__(self, path: Path, sf: Statefile, out_fd: int, progress=None):
+    def __init__(self, path: Path, sf: Statefile, out_fd: int, progress: Callable[[int, int], None] | None = None):
         super().__init__(name=f"feed-{path.name}", daemon=True)
         self.path = path
         self.sf = sf
@@ -147,6 +148,7 @@ class Feeder(threading.Thread):
                 os.close(self.out_fd)  # zstd holds its own copy now
                 self.out_fd = -1
                 sink = self._proc.stdin
+                assert sink is not None  # stdin=PIPE
                 widen_pipe(sink.fileno())
             try:
                 f = open(self.path, "rb")

@@ -84,6 +84,11 @@ class Backend(Protocol):
 
     def host_memory(self) -> HostMemory: ...
 
+    def abort(self) -> None:
+        """End every restore and cold boot in flight: each stops its guest and raises
+        :class:`~xsession.errors.HypervisorError` soon, not at its watchdog."""
+        ...
+
     def overhead_mib(self, flavour: Flavour) -> int:
         """Memory the hypervisor needs per guest beyond the guest's own RAM."""
         ...

@@ -200,9 +200,10 @@ class QemuGuest:
         reason = self._event_reason
         if reason is None:
             if status is None:
-                reason = "QEMU exited"
+                # not our child (adopted from an earlier manager): its status cannot be read
+                reason = "QEMU ended without a word (adopted, so its exit status is unknown: killed or crashed)"
             elif status < 0:
-                reason = f"QEMU was killed by signal {-status}"
+                reason = f"QEMU was killed by signal {-status} ({_signal_name(-status)})"
             else:
                 reason = f"QEMU exited with status {status}"
             tail = self.log_tail(3)
@@ -270,6 +271,13 @@ class QemuGuest:
         tmp.replace(self.rundir / "guest.json")
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "an unnamed signal"
+
+
 def _wait_foreign(pid: int) -> int | None:
     """Wait for a process that is not our child (an adopted guest)."""
     try:
@@ -296,7 +304,8 @@ def probe_kvm(flavour: Flavour, manifest: Manifest, workdir: Path, timeout: floa
     with open(workdir / "qemu.log", "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        return wait_for_text(workdir / "console.log", flavour.cold_boot.ready_line, timeout, lambda: proc.poll() is None)
+        return wait_for_text(workdir / "console.log", flavour.cold_boot.ready_line, timeout,
+                             lambda: proc.poll() is None)
     finally:
         proc.kill()
         proc.wait()
@@ -309,8 +318,18 @@ class QemuBackend:
 
     def __init__(self, binary: str = QEMU_BINARY):
         self.binary = binary
+        self._aborting = threading.Event()
         self._kvm: bool | None = None  # probed once, on first need
         self._kvm_lock = threading.Lock()
+
+    def abort(self) -> None:
+        """End every restore and cold boot in flight (the manager is shutting down): each
+        stops its guest and raises at once instead of running to its watchdog."""
+        self._aborting.set()
+
+    def _check_abort(self, what: str) -> None:
+        if self._aborting.is_set():
+            raise HypervisorError(what, "cancelled: the manager is shutting down")
 
     def kvm_usable(self, flavour: Flavour, manifest: Manifest) -> bool:
         """Whether KVM really boots a guest here (probed once with this flavour's kernel)."""
@@ -422,7 +441,7 @@ class QemuBackend:
         try:
             try:
                 guest.connect(max(1.0, deadline - time.monotonic()))
-                loaded = self._wait_loaded(guest, deadline, feeder)
+                loaded = self._wait_loaded(guest, deadline, feeder, self._aborting)
             except HypervisorError as e:
                 if not guest.wait_exit(2.0):
                     if time.monotonic() >= deadline:
@@ -448,13 +467,15 @@ class QemuBackend:
             raise
 
     @staticmethod
-    def _wait_loaded(guest: QemuGuest, deadline: float, feeder: Feeder) -> bool:
+    def _wait_loaded(guest: QemuGuest, deadline: float, feeder: Feeder, aborting: threading.Event) -> bool:
         """Poll until the incoming stream is loaded (the guest waits, paused); False if QEMU died
         or the feed failed (QEMU then waits for input that never comes: its verdict is the feed's).
 
         :raises TimeoutError: the watchdog's deadline passed.
         """
         while time.monotonic() < deadline:
+            if aborting.is_set():
+                raise HypervisorError(f"restore {guest.name}", "cancelled: the manager is shutting down")
             if not guest.is_alive() or feeder.failure() is not None:
                 return False
             try:
@@ -489,7 +510,9 @@ class QemuBackend:
         guest = self._launch(flavour, manifest, rundir, disk, accel=accel, mode="boot")
         try:
             guest.connect(10.0)
-            if not wait_for_text(rundir / "console.log", cb.ready_line, cb.timeout_s, guest.is_alive):
+            alive = lambda: guest.is_alive() and not self._aborting.is_set()  # noqa: E731
+            if not wait_for_text(rundir / "console.log", cb.ready_line, cb.timeout_s, alive):
+                self._check_abort(f"cold boot {flavour.name}")
                 why = guest.exit_reason if not guest.is_alive() else f"not ready within {cb.timeout_s:.0f} s"
                 raise HypervisorError(f"cold boot {flavour.name}", why or "QEMU exited")
             return guest

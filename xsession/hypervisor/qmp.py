@@ -95,7 +95,8 @@ class QMP:
                     self._client = QMPClient(self.name)
             time.sleep(0.005)
         else:
-            raise HypervisorError(f"QMP {self.name}", f"no monitor on {self.socket_path} within {timeout:.0f} s: {last}")
+            raise HypervisorError(f"QMP {self.name}",
+                                  f"no monitor on {self.socket_path} within {timeout:.0f} s: {last}")
         if self.on_event is not None:
             self._watch = asyncio.run_coroutine_threadsafe(self._pump_events(), _get_loop())
 

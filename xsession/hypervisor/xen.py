@@ -180,9 +180,11 @@ class XenGuest:
         except FileNotFoundError:
             return ""
 
-    def wait_for_line(self, needle: str, timeout: float, since: int | None = None) -> bool:
+    def wait_for_line(self, needle: str, timeout: float, since: int | None = None,
+                      aborting: threading.Event | None = None) -> bool:
         """Wait until ``needle`` appears on the console after byte ``since``; False at timeout or death."""
-        return wait_for_text(self.console_log, needle, timeout, self.is_alive,
+        alive = self.is_alive if aborting is None else (lambda: not aborting.is_set() and self.is_alive())
+        return wait_for_text(self.console_log, needle, timeout, alive,
                              start=self.console_start if since is None else since, alive_every=2.0, poll=0.1)
 
     # -- watching ------------------------------------------------------------------
@@ -285,6 +287,7 @@ class XenBackend:
         self.console_log_dir = (console_log_dir_from_config() if console_log_dir == "auto"
                                 else None if console_log_dir is None else Path(console_log_dir))
         self.poll_s = poll_s
+        self._aborting = threading.Event()
 
     # -- memory ------------------------------------------------------------------------
     def host_memory(self) -> HostMemory:
@@ -460,14 +463,19 @@ class XenBackend:
             self._destroy_quietly(flavour.name)
             raise
         try:
-            if not guest.wait_for_line(cb.ready_line, cb.timeout_s):
-                why = "the domain ended" if not guest.is_alive() else f"not ready within {cb.timeout_s:.0f} s"
+            if not guest.wait_for_line(cb.ready_line, cb.timeout_s, aborting=self._aborting):
+                why = ("cancelled: the manager is shutting down" if self._aborting.is_set()
+                       else "the domain ended" if not guest.is_alive() else f"not ready within {cb.timeout_s:.0f} s")
                 raise HypervisorError(f"cold boot {flavour.name}", f"{why} (no {cb.ready_line!r} on its console)",
                                       guest.read_console()[-2000:])
         except BaseException:
             guest.stop()
             raise
         return guest
+
+    def abort(self) -> None:
+        """Cold boots in flight stop waiting and end their domain (the manager is shutting down)."""
+        self._aborting.set()
 
     # -- adoption ------------------------------------------------------------------------------
     def adopt(self, name: str, rundir: Path) -> XenGuest | None:

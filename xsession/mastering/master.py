@@ -111,11 +111,15 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
         t0 = time.monotonic()
         report(f"{spec.name}: booting ({spec.memory_mib} MiB, {accel})")
         guest = backend.boot_for_save(flavour, manifest, rundir, fdir / "disk-saved.qcow2")
-        t_boot = time.monotonic() - t0
-        report(f"{spec.name}: ready after {t_boot:.1f} s; letting it settle {settle_s:.0f} s")
-        time.sleep(settle_s)  # the desktop is idle, as a person would find it
-        t1 = time.monotonic()
-        saved = backend.save(guest, fdir / "state.zst")
+        try:
+            t_boot = time.monotonic() - t0
+            report(f"{spec.name}: ready after {t_boot:.1f} s; letting it settle {settle_s:.0f} s")
+            time.sleep(settle_s)  # the desktop is idle, as a person would find it
+            t1 = time.monotonic()
+            saved = backend.save(guest, fdir / "state.zst")
+        except BaseException:  # Ctrl-C too: the guest runs in its own session and would stay
+            guest.stop()
+            raise
         report(f"{spec.name}: saved {saved.raw_size / 1e6:.1f} MB -> {saved.size / 1e6:.1f} MB zstd "
                f"in {time.monotonic() - t1:.1f} s")
     finally:
