@@ -378,3 +378,21 @@ def test_a_memory_check_that_breaks_fails_that_session_and_the_queue_goes_on(man
                       "server": State.RUNNING}
     assert "memory check failed" in engine.session("ubuntu").reason
     assert "cannot talk to Xen" in engine.session("ubuntu").reason
+
+
+def _qcow2_over(path: Path, backing: str) -> None:
+    import subprocess
+    path.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, "-u", str(path), "16M"],
+                   check=True)
+
+
+@pytest.mark.parametrize("backing", ["/etc/passwd", "../../../../../../etc/passwd", "json:{}"])
+def test_a_disk_whose_backing_file_leads_out_of_the_medium_is_never_opened(backing, medium, make_engine):
+    """A qcow2 header names its backing file; QEMU would open it with our rights."""
+    _qcow2_over(medium / "xenubuntu/flavours/server/disk-base.qcow2", backing)
+    engine = make_engine(load_manifest(medium / MANIFEST_RELPATH), "xenubuntu.restore=off")
+    engine.activate("server")
+    view = engine.wait_state("server", SETTLED, 120)
+    assert view.state is State.FAILED, view.reason
+    assert "leads out of the medium" in view.reason and "passwd" not in view.reason, view.reason

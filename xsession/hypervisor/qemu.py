@@ -37,6 +37,7 @@ from typing import Any
 
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
+from ..diskchain import check_chain
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import ExitCallback, HostMemory, Progress
 from .console import wait_for_text
@@ -371,10 +372,13 @@ class QemuBackend:
         backing = manifest.resolve(flavour.disk.saved_overlay or flavour.disk.base)
         if not backing.is_file():
             raise MediumUnavailable(str(backing), "the flavour's disk is missing from the medium")
+        check_chain(backing, manifest.root)  # every file QEMU would open stays on the medium
         overlay = rundir / "disk.qcow2"
         if flavour.disk.session_template is not None:
+            template = manifest.resolve(flavour.disk.session_template)
+            check_chain(template, manifest.root)
             try:
-                shutil.copyfile(manifest.resolve(flavour.disk.session_template), overlay)
+                shutil.copyfile(template, overlay)
                 return overlay, backing.resolve()
             except OSError as e:
                 log.warning("%s: cannot copy the session disk template (%s); creating one", flavour.name, e)
