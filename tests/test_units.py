@@ -61,8 +61,8 @@ def unit_root(tmp_path: Path) -> Path:
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(SERVICE, root / "etc/systemd/system" / SERVICE.name)
-    (root / "usr/bin").mkdir(parents=True)
-    daemon = root / "usr/bin/xsessiond"
+    (root / "usr/libexec").mkdir(parents=True)
+    daemon = root / "usr/libexec/xsessiond"
     daemon.write_text("#!/bin/sh\n")
     daemon.chmod(0o755)
     (root / "bin").mkdir()
@@ -80,9 +80,9 @@ def test_verify_would_catch_a_mistake(unit_root: Path) -> None:
     """The check above is only worth something if verify does complain."""
     broken = unit_root / "etc/systemd/system" / SERVICE.name
     broken.write_text(SERVICE.read_text().replace("Type=notify", "Type=notify\nKillMod=process"))
-    (unit_root / "usr/bin/xsessiond").unlink()
+    (unit_root / "usr/libexec/xsessiond").unlink()
     result = run("systemd-analyze", "verify", f"--root={unit_root}", SERVICE.name)
-    assert "KillMod" in result.stderr and "/usr/bin/xsessiond" in result.stderr
+    assert "KillMod" in result.stderr and "/usr/libexec/xsessiond" in result.stderr
 
 
 def test_exposure_score() -> None:
@@ -97,7 +97,7 @@ def test_service_shape() -> None:
     unit = service_settings()
     assert unit["Service.Type"] == ["notify"]
     assert unit["Service.BusName"] == [BUS_NAME]
-    assert unit["Service.ExecStart"] == ["/usr/bin/xsessiond"]
+    assert unit["Service.ExecStart"] == ["/usr/libexec/xsessiond"]
     assert unit["Service.KillMode"] == ["process"]
     after = " ".join(unit["Unit.After"]).split()
     for dep in ("xenstored.service", "xenconsoled.service", "xen-init-dom0.service", "cdrom.mount",

@@ -17,7 +17,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient, QMPError
+try:
+    from qemu.qmp import QMPClient, QMPError
+except ModuleNotFoundError as e:  # Debian 12 has no package of it
+    raise ModuleNotFoundError("the QEMU backend needs the Python module qemu.qmp "
+                              "(pip install 'qemu.qmp>=0.0.3')", name=e.name) from e
 
 from ..errors import HypervisorError
 

@@ -23,13 +23,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..errors import ManifestError
 from ..manifest import (ColdBoot, Disk, Flavour, MachineConfig, Manifest, Statefile, manifest_to_dict,
                         parse_manifest)
-from ..hypervisor.qemu import QemuBackend
+
+if TYPE_CHECKING:
+    from ..hypervisor.qemu import QemuBackend
 
 __all__ = ["FlavourSpec", "MediumSpec", "load_spec", "master_medium", "DEFAULT_MACHINE_TYPE"]
 
@@ -141,6 +144,7 @@ def resolve_accel(accel: str, spec: MediumSpec, guests: Path) -> str:
         (work / "flavours" / first.name).mkdir(parents=True)
         shutil.copyfile(guests / spec.flavours[0].initrd, work / "flavours" / first.name / "initrd.cpio")
         manifest = Manifest(path=str(work / "manifest.yaml"), default=first.name, flavours=(first,))
+        from ..hypervisor.qemu import QemuBackend  # QMP (qemu.qmp) only where QEMU runs
         return "kvm" if QemuBackend().kvm_usable(first, manifest) else "tcg"
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -155,6 +159,7 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     root = out / "xenubuntu"
     (root / "pool").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(guests / spec.kernel, root / "pool" / "vmlinuz")
+    from ..hypervisor.qemu import QemuBackend
     backend = QemuBackend()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report)
