@@ -290,6 +290,11 @@ def test_guests_survive_the_daemon_and_are_adopted(xsessiond, client, runtime_di
     xsessiond()
     assert client.states() == {"kubuntu": "running", "ubuntu": "running", "xubuntu": "running",
                                "server": "failed"}
+    # an adopted guest that dies: not our child, so no status, but a reason that says so
+    os.kill(pids["ubuntu"], signal.SIGKILL)
+    client.wait_state("ubuntu", {"failed"}, timeout=30)
+    reason = client.session("ubuntu")["StateReason"]
+    assert "adopted" in reason and "exit status is unknown" in reason, reason
 
 
 def test_xsessionctl(private_bus, xsessiond, client):

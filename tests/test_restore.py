@@ -216,7 +216,7 @@ def test_a_guest_whose_hypervisor_dies_is_noticed(manifest, make_engine, runtime
     pid = int((runtime_dir / "sessions" / "server" / "qemu.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     view = engine.wait_state("server", {State.FAILED}, 30)
-    assert "signal 9" in view.reason, view.reason
+    assert "signal 9 (SIGKILL)" in view.reason, view.reason
     # the rest keeps working: the session can be activated again
     engine.activate("server")
     assert engine.wait_state("server", SETTLED, 60).state is State.RUNNING
