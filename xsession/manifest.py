@@ -70,6 +70,7 @@ INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 LIMITS: dict[str, tuple[float, float]] = {
     "flavours": (1, 64),
     "title": (1, 200),
+    "description": (0, 500),
     "priority": (INT32_MIN, INT32_MAX),       # D-Bus Priority is an int32
     "memory_mib": (1, 1 << 20),                # 1 TiB
     "vcpus": (1, 256),
@@ -83,6 +84,13 @@ LIMITS: dict[str, tuple[float, float]] = {
 }
 BACKENDS = ("qemu", "xen")
 COMPRESSIONS = ("zstd", "none")
+#: where a flavour comes from: a tiny initrd guest, an installed disk image, a live ISO
+SOURCES = ("initrd", "disk", "iso")
+#: how a booted flavour says it is ready: a line on its serial console, the guest
+#: agent's line on the guest channel, or (flavours we did not build) a settled screen
+READINESS = ("console", "channel", "screen")
+#: a guest's network: none, or QEMU's user network restricted to the guest and the host (no route out)
+NICS = ("none", "user")
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,15 @@ class MachineConfig:
     cpu: str = "qemu64"
     vga: str = "std"
     disk_bus: str = "virtio"
+    #: a virtio-serial controller with the guest channel (``org.xenubuntu.guest.0``) and
+    #: the guest agent's port (``org.qemu.guest_agent.0``)
+    guest_channel: bool = False
+    #: a VM generation ID device: its ID changes at every restore, and the guest kernel
+    #: reseeds its random generator when it does
+    vmgenid: bool = False
+    nic: str = "none"
+    #: an IDE CD drive (a live ISO's)
+    cdrom: bool = False
 
     def differences(self, other: MachineConfig) -> list[str]:
         """Names and both values of every field that differs, for error messages."""
@@ -137,9 +154,11 @@ class Disk:
 class ColdBoot:
     """What booting the flavour from scratch needs when its statefile cannot be used."""
 
-    kernel: str
-    initrd: str
+    #: None: boot the CD's own boot loader (a live ISO we did not build)
+    kernel: str | None
+    initrd: str | None
     cmdline: str
+    #: what readiness waits for on the console or the channel; empty for a settled screen
     ready_line: str
     timeout_s: float = 120.0
 
@@ -154,6 +173,13 @@ class Flavour:
     disk: Disk | None
     statefile: Statefile | None
     cold_boot: ColdBoot
+    description: str = ""
+    source: str = "initrd"
+    readiness: str = "console"
+    #: the live ISO on the medium, attached read-only as the CD drive (source ``iso``)
+    iso: str | None = None
+    #: the screen as it was saved (PNG), shown by a chooser before the session runs
+    still: str | None = None
 
     @property
     def memory_mib(self) -> int:
@@ -317,6 +343,10 @@ def _machine(r: _Reader) -> MachineConfig:
         cpu=r.matching("cpu", CPU_RE, "a CPU model with optional flags, such as 'qemu64' or 'max,-smap'", "qemu64"),
         vga=r.choice("vga", ("std", "none"), "std"),
         disk_bus=r.choice("disk_bus", ("virtio", "ide", "none"), "virtio"),
+        guest_channel=r.get("guest_channel", bool, False),
+        vmgenid=r.get("vmgenid", bool, False),
+        nic=r.choice("nic", NICS, "none"),
+        cdrom=r.get("cdrom", bool, False),
     )
 
 
@@ -326,7 +356,8 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     name = r.get("name", str)
     if not NAME_RE.fullmatch(name):
         raise r.error("must be lower-case letters, digits or '_', starting with a letter, at most 32 long", "name")
-    r.reject_unknown({"name", "title", "priority", "backend", "machine", "disk", "statefile", "cold_boot"})
+    r.reject_unknown({"name", "title", "priority", "backend", "machine", "disk", "statefile", "cold_boot",
+                      "description", "source", "readiness", "iso", "still"})
     backend = r.choice("backend", BACKENDS, "qemu")
     machine = _machine(r.sub("machine"))  # type: ignore[arg-type]
     disk_r = r.sub("disk", None)
@@ -356,13 +387,26 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     cb_r = r.sub("cold_boot")
     assert cb_r is not None
     cb_r.reject_unknown({"kernel", "initrd", "cmdline", "ready_line", "timeout_s"})
+    source = r.choice("source", SOURCES, "initrd")
+    readiness = r.choice("readiness", READINESS, "console")
+    iso = r.relpath("iso", None)
+    boots_cd = iso is not None
     cold_boot = ColdBoot(
-        kernel=cb_r.relpath("kernel"),
-        initrd=cb_r.relpath("initrd"),
+        kernel=cb_r.relpath("kernel", None if boots_cd else ...),
+        initrd=cb_r.relpath("initrd", None if boots_cd else ...),
         cmdline=cb_r.text("cmdline", "cold_boot.cmdline", ""),
-        ready_line=cb_r.text("ready_line", "cold_boot.ready_line"),
+        ready_line=cb_r.text("ready_line", "cold_boot.ready_line", "" if readiness == "screen" else ...),
         timeout_s=cb_r.number_in("timeout_s", "cold_boot.timeout_s", 120.0),
     )
+    if (cold_boot.kernel is None) != (cold_boot.initrd is None):
+        raise cb_r.error("must be given together with cold_boot.initrd (or neither, to boot the CD)",
+                         "cold_boot.kernel")
+    if source == "iso" and iso is None:
+        raise r.error("is needed for a flavour whose source is a live ISO", "iso")
+    if iso is not None and not machine.cdrom:
+        raise r.error("needs a CD drive to be attached to: set machine.cdrom", "iso")
+    if readiness == "channel" and not machine.guest_channel:
+        raise r.error("'channel' needs the guest channel: set machine.guest_channel", "readiness")
     return Flavour(
         name=name,
         title=r.text("title", "title", name),
@@ -372,6 +416,11 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
         disk=disk,
         statefile=statefile,
         cold_boot=cold_boot,
+        description=r.text("description", "description", ""),
+        source=source,
+        readiness=readiness,
+        iso=iso,
+        still=r.relpath("still", None),
     )
 
 

@@ -1,0 +1,116 @@
+"""A guest's screen: when it has settled, and pictures of it (PNG, thumbnails).
+
+QEMU's ``screendump`` writes the display as a binary PPM (P6). A flavour we did
+not build cannot tell us it is ready, but its screen can: it changes while the
+system boots and stops changing at the desktop. :func:`settled` decides that from
+a series of (time, digest) samples; it is pure, so it is tested as a function.
+
+PNG is written here with :mod:`zlib` (a still per flavour at mastering, a
+thumbnail now and then): no image library is needed in dom0 for that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Picture", "read_ppm", "to_png", "thumbnail", "digest", "settled", "same_picture"]
+
+
+@dataclass(frozen=True)
+class Picture:
+    width: int
+    height: int
+    rgb: bytes  # width * height * 3 bytes, rows top to bottom
+
+
+def read_ppm(data: bytes) -> Picture:
+    """A binary PPM (P6, maxval 255), as QEMU's ``screendump`` writes it.
+
+    :raises ValueError: not such a file.
+    """
+    fields: list[bytes] = []
+    pos = 0
+    while len(fields) < 4:
+        while pos < len(data) and data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b"#":
+            pos = data.index(b"\n", pos) + 1
+            continue
+        end = pos
+        while end < len(data) and not data[end:end + 1].isspace():
+            end += 1
+        if end == pos:
+            raise ValueError("a PPM header cut short")
+        fields.append(data[pos:end])
+        pos = end
+    magic, w, h, maxval = fields
+    if magic != b"P6" or maxval != b"255":
+        raise ValueError("not a binary 8-bit PPM")
+    width, height = int(w), int(h)
+    pos += 1  # the one whitespace after maxval
+    rgb = data[pos:pos + width * height * 3]
+    if width <= 0 or height <= 0 or len(rgb) != width * height * 3:
+        raise ValueError("a PPM whose pixels do not match its size")
+    return Picture(width, height, rgb)
+
+
+def digest(picture: Picture) -> str:
+    return hashlib.sha256(picture.rgb).hexdigest()
+
+
+def same_picture(a: Picture, b: Picture, tolerance: float = 0.0) -> bool:
+    """Equal sizes and at most ``tolerance`` (a fraction) of the bytes differing."""
+    if (a.width, a.height) != (b.width, b.height):
+        return False
+    if a.rgb == b.rgb:
+        return True
+    differing = sum(1 for x, y in zip(a.rgb, b.rgb, strict=True) if x != y)
+    return differing <= tolerance * len(a.rgb)
+
+
+def to_png(picture: Picture) -> bytes:
+    """The picture as a PNG (RGB, 8 bits, no filter: simple and small enough for screens)."""
+    stride = picture.width * 3
+    raw = b"".join(b"\x00" + picture.rgb[y * stride:(y + 1) * stride] for y in range(picture.height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", picture.width, picture.height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def thumbnail(picture: Picture, max_width: int = 320) -> Picture:
+    """Every n-th pixel of every n-th row: a quick, good enough card picture."""
+    step = max(1, -(-picture.width // max_width))
+    if step == 1:
+        return picture
+    width, height = picture.width // step, picture.height // step
+    stride = picture.width * 3
+    out = bytearray(width * height * 3)
+    for y in range(height):
+        row = picture.rgb[y * step * stride:(y * step + 1) * stride]
+        for c in range(3):
+            out[y * width * 3 + c:(y + 1) * width * 3:3] = row[c::3 * step][:width]
+    return Picture(width, height, bytes(out))
+
+
+def settled(samples: Sequence[tuple[float, str]], quiet_s: float, min_changes: int = 1) -> bool:
+    """Whether a screen has settled: it changed at least ``min_changes`` times (it is
+    not a blank that never started) and has not changed for ``quiet_s`` seconds since.
+
+    ``samples`` are (time, digest) pairs in time order.
+    """
+    if not samples:
+        return False
+    changes = 0
+    last_change = samples[0][0]
+    for (_, before), (t, now) in zip(samples, samples[1:], strict=False):
+        if now != before:
+            changes += 1
+            last_change = t
+    return changes >= min_changes and samples[-1][0] - last_change >= quiet_s
