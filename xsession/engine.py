@@ -400,7 +400,8 @@ class Engine:
                 try:
                     guest = self.backend.restore(s.flavour, self.manifest, rundir,
                                                  lambda d, t: self._progress(s, d, t))
-                    reason = "restored from its statefile"
+                    note = getattr(guest, "note", "")
+                    reason = "restored from its statefile" + (f"; {note}" if note else "")
                 except MediumUnavailable:
                     raise
                 except XSessionError as e:

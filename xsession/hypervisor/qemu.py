@@ -21,6 +21,7 @@ own output) and ``guest.json`` (what a restarted manager needs to adopt it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,12 +33,18 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..diskchain import check_chain
+from ..guestchannel import PORT_NAME as CHANNEL_PORT
+from ..guestchannel import ChannelReader
+from .qga import PORT_NAME as AGENT_PORT
+from .qga import AgentError, GuestAgent
+from ..screen import Picture, digest, read_ppm, settled, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import ExitCallback, HostMemory, Progress
 from .console import wait_for_text
@@ -60,6 +67,13 @@ RESTORE_BYTES_PER_S = 2_000_000
 SAVE_TIMEOUT_S = 120.0
 #: how long an exit waits for the SHUTDOWN event that explains it
 EVENT_GRACE_S = 1.0
+#: the guest agent answers at once when it runs; longer means it does not
+AGENT_TIMEOUT_S = 5.0
+#: a screen that has not changed for this long after it last changed has settled
+SETTLE_QUIET_S = 3.0
+SETTLE_SAMPLE_S = 0.5
+#: at mastering, how long a desktop that said it is ready may take to paint itself
+SETTLE_AFTER_READY_S = 60.0
 
 
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
@@ -83,9 +97,13 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
         "-smp", str(machine.vcpus),
         "-nodefaults", "-no-user-config", "-no-reboot",
         "-vga", machine.vga,
-        "-kernel", str(manifest.resolve(cb.kernel)),
-        "-initrd", str(manifest.resolve(cb.initrd)),
-        "-append", cb.cmdline,
+    ]
+    if cb.kernel is not None and cb.initrd is not None:
+        argv += ["-kernel", str(manifest.resolve(cb.kernel)), "-initrd", str(manifest.resolve(cb.initrd)),
+                 "-append", cb.cmdline]
+    else:
+        argv += ["-boot", "order=d"]  # the live ISO's own boot loader
+    argv += [
         "-chardev", f"socket,id=serial0,path={_q(rundir / 'serial.sock')},server=on,wait=off,"
                     f"logfile={_q(rundir / 'console.log')}",
         "-serial", "chardev:serial0",
@@ -100,6 +118,22 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
             drive += f",backing.driver=qcow2,backing.file.filename={_q(disk_backing)}"
         argv += ["-drive", drive]
         argv += ["-device", "virtio-blk-pci,drive=disk0" if machine.disk_bus == "virtio" else "ide-hd,drive=disk0"]
+    if machine.cdrom:
+        iso = f"file={_q(manifest.resolve(flavour.iso))}," if flavour.iso is not None else ""
+        argv += ["-drive", f"{iso}if=none,id=cd0,media=cdrom,readonly=on,format=raw",
+                 "-device", "ide-cd,drive=cd0,bus=ide.1,unit=0"]
+    if machine.guest_channel:
+        argv += ["-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", f"socket,id=xsguest,path={_q(rundir / 'guest.sock')},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=xsguest,name={CHANNEL_PORT}",
+                 "-chardev", f"socket,id=qga,path={_q(rundir / 'qga.sock')},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT}"]
+    if machine.vmgenid:
+        argv += ["-device", "vmgenid,id=vmgenid0"]  # a new generation ID at every start and restore
+    if machine.nic == "user":
+        # DHCP and the host only: restrict=on gives the guest no route out
+        argv += ["-netdev", "user,id=net0,restrict=on",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={guest_mac(name)}"]
     if vnc:
         argv += ["-vnc", f"unix:{_q(rundir / 'vnc.sock')}"]
     if incoming is not None:
@@ -107,10 +141,22 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
     return argv
 
 
+def guest_mac(name: str) -> str:
+    """A locally administered MAC address of the flavour's own, the same at save and restore
+    (the guest's saved network state names it)."""
+    h = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
 def _q(path: Path | str) -> str:
     """QEMU option values double their commas."""
     return str(path).replace(",", ",,")
 
+
+#: run in the guest before a save: dirty pages written, caches dropped, the random generator drawn from
+PREPARE_FOR_SAVE = "sync; echo 3 > /proc/sys/vm/drop_caches; head -c 64 /dev/urandom > /dev/null; sync"
+#: run in the guest after a restore: its DHCP lease is renewed on every wired link
+RENEW_NETWORK = 'for i in /sys/class/net/e*; do [ -e "$i" ] && networkctl renew "${i##*/}"; done; true'
 
 _SHUTDOWN_REASONS = {
     "guest-reset": "the guest reset itself (a restore that reboots is a damaged state); QEMU ended it",
@@ -148,8 +194,32 @@ class QemuGuest:
         self._event_reason: str | None = None
         self._event_seen = threading.Event()
         self.qmp = QMP(name, rundir / "qmp.sock", self._on_event)
+        #: the guest channel's reader, for flavours that have one
+        self.channel: ChannelReader | None = None
+        #: what happened after a restore that a person should know (the clock, the network)
+        self.note = ""
         self._watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
         self._watcher.start()
+
+    def attach_channel(self, flavour: str) -> None:
+        """Read the guest channel (its socket is QEMU's); idempotent."""
+        if self.channel is None:
+            self.channel = ChannelReader(self.name, self.rundir / "guest.sock", flavour)
+
+    def agent(self, timeout: float = AGENT_TIMEOUT_S) -> GuestAgent:
+        """A conversation with the guest's agent (connect it with ``with``)."""
+        return GuestAgent(self.rundir / "qga.sock", timeout)
+
+    def screendump(self) -> Picture:
+        """The guest's display now. :raises HypervisorError: QEMU could not take it."""
+        path = self.rundir / "screen.ppm"
+        self.qmp.execute("screendump", {"filename": str(path)})
+        try:
+            return read_ppm(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise HypervisorError(f"screendump {self.name}", str(e)) from e
+        finally:
+            path.unlink(missing_ok=True)
 
     # -- facts -------------------------------------------------------------
     @property
@@ -212,6 +282,8 @@ class QemuGuest:
                 reason += f": {tail}"
         self._exit_reason = reason
         self._exited.set()
+        if self.channel is not None:
+            self.channel.close()
         if not self._stopping:
             self.qmp.close()  # frees its task on the shared QMP loop
             for cb in list(self._exit_callbacks):
@@ -263,6 +335,8 @@ class QemuGuest:
         """Forget the guest without stopping it (the manager exits, the guest stays)."""
         self._stopping = True
         self.qmp.close()
+        if self.channel is not None:
+            self.channel.close()
 
     def write_record(self, argv: list[str], mode: str) -> None:
         """What a restarted manager needs to adopt this guest."""
@@ -365,7 +439,8 @@ class QemuBackend:
         the backing file QEMU must be told about.
         """
         rundir.mkdir(parents=True, exist_ok=True)
-        for stale in ("qmp.sock", "serial.sock", "vnc.sock", "console.log", "qemu.pid", "guest.json", "disk.qcow2"):
+        for stale in ("qmp.sock", "serial.sock", "vnc.sock", "guest.sock", "qga.sock", "console.log", "qemu.pid",
+                      "guest.json", "disk.qcow2"):
             (rundir / stale).unlink(missing_ok=True)
         if flavour.disk is None or flavour.machine.disk_bus == "none":
             return None, None
@@ -404,6 +479,8 @@ class QemuBackend:
             except OSError as e:
                 raise HypervisorError(f"start {self.binary}", e.strerror or str(e)) from e
         guest = QemuGuest(flavour.name, rundir, proc, proc.pid)
+        if flavour.machine.guest_channel:
+            guest.attach_channel(flavour.name)
         try:
             guest.write_record(argv, mode)
         except OSError as e:
@@ -460,6 +537,7 @@ class QemuBackend:
             if not loaded:
                 raise HypervisorError(f"restore {flavour.name}", guest.exit_reason or "QEMU did not load the stream")
             guest.resume()
+            guest.note = self._freshen(guest, flavour)
             return guest
         except TimeoutError as e:
             feeder.cancel()
@@ -514,15 +592,68 @@ class QemuBackend:
         guest = self._launch(flavour, manifest, rundir, disk, accel=accel, mode="boot")
         try:
             guest.connect(10.0)
-            alive = lambda: guest.is_alive() and not self._aborting.is_set()  # noqa: E731
-            if not wait_for_text(rundir / "console.log", cb.ready_line, cb.timeout_s, alive):
-                self._check_abort(f"cold boot {flavour.name}")
-                why = guest.exit_reason if not guest.is_alive() else f"not ready within {cb.timeout_s:.0f} s"
-                raise HypervisorError(f"cold boot {flavour.name}", why or "QEMU exited")
+            self._wait_ready(guest, flavour, f"cold boot {flavour.name}")
             return guest
         except BaseException:
             guest.stop()
             raise
+
+    # -- readiness and freshness ----------------------------------------------------------
+    def _wait_ready(self, guest: QemuGuest, flavour: Flavour, what: str) -> None:
+        """Until the flavour is ready as its manifest says: its console's ready line, the
+        guest agent's ``ready`` on the channel, or a settled screen.
+
+        :raises HypervisorError: QEMU died, the manager is shutting down, or not ready in time.
+        """
+        cb = flavour.cold_boot
+        alive = lambda: guest.is_alive() and not self._aborting.is_set()  # noqa: E731
+        if flavour.readiness == "channel" and guest.channel is not None:
+            ok = guest.channel.wait_ready(cb.timeout_s, alive)
+        elif flavour.readiness == "screen":
+            ok = self._wait_settled(guest, cb.timeout_s, alive)
+        else:
+            ok = wait_for_text(guest.rundir / "console.log", cb.ready_line, cb.timeout_s, alive)
+        if not ok:
+            self._check_abort(what)
+            why = guest.exit_reason if not guest.is_alive() else f"not ready within {cb.timeout_s:.0f} s"
+            raise HypervisorError(what, why or "QEMU exited")
+
+    @staticmethod
+    def _wait_settled(guest: QemuGuest, timeout: float, alive: Callable[[], bool]) -> bool:
+        """Until the screen changed and then stayed the same for :data:`SETTLE_QUIET_S`."""
+        deadline = time.monotonic() + timeout
+        samples: list[tuple[float, str]] = []
+        while time.monotonic() < deadline and alive():
+            try:
+                samples.append((time.monotonic(), digest(guest.screendump())))
+            except HypervisorError:
+                if not guest.is_alive():
+                    return False
+            if settled(samples, SETTLE_QUIET_S):
+                return True
+            samples = samples[-int(SETTLE_QUIET_S / SETTLE_SAMPLE_S) - 2:] if len(samples) > 200 else samples
+            time.sleep(SETTLE_SAMPLE_S)
+        return False
+
+    @staticmethod
+    def _freshen(guest: QemuGuest, flavour: Flavour) -> str:
+        """After a restore, before the session counts as running: every user of the medium
+        restores the same RAM, so the guest gets the host's time and renews its network (its
+        random generator was reseeded by the VM generation ID that QEMU changed).
+
+        :returns: a note for the session's reason when something could not be done.
+        """
+        if not flavour.machine.guest_channel:
+            return ""
+        try:
+            with guest.agent() as agent:
+                agent.set_time()
+                if flavour.machine.nic != "none":
+                    agent.run(["/bin/sh", "-c", RENEW_NETWORK], timeout=10.0)
+        except AgentError as e:
+            log.warning("%s: restored, but not freshened: %s", guest.name, e, extra={"SESSION": guest.name})
+            return f"its clock may be old: {e}"
+        return ""
 
     # -- adoption --------------------------------------------------------------------
     def adopt(self, name: str, rundir: Path) -> QemuGuest | None:
@@ -539,6 +670,8 @@ class QemuBackend:
         if str(rundir / "qmp.sock").encode() not in b"\0".join(cmdline):
             return None  # the pid was reused by another process
         guest = QemuGuest(name, rundir, None, pid)
+        if (rundir / "guest.sock").exists():
+            guest.attach_channel(name)
         try:
             guest.connect(5.0)
         except HypervisorError:
@@ -547,29 +680,53 @@ class QemuBackend:
         return guest
 
     # -- saving (mastering) ------------------------------------------------------------
-    def boot_for_save(self, flavour: Flavour, manifest: Manifest, rundir: Path, disk: Path) -> QemuGuest:
+    def boot_for_save(self, flavour: Flavour, manifest: Manifest, rundir: Path, disk: Path | None) -> QemuGuest:
         """Cold boot with the given disk (the overlay that will travel with the statefile)."""
         rundir.mkdir(parents=True, exist_ok=True)
-        for stale in ("qmp.sock", "serial.sock", "console.log"):
+        for stale in ("qmp.sock", "serial.sock", "guest.sock", "qga.sock", "console.log"):
             (rundir / stale).unlink(missing_ok=True)
         guest = self._launch(flavour, manifest, rundir, disk, vnc=False, mode="master")
         try:
             guest.connect(10.0)
-            if not wait_for_text(rundir / "console.log", flavour.cold_boot.ready_line,
-                                  flavour.cold_boot.timeout_s, guest.is_alive):
-                raise HypervisorError(f"boot {flavour.name} for mastering", guest.exit_reason or "not ready in time")
+            self._wait_ready(guest, flavour, f"boot {flavour.name} for mastering")
             return guest
         except BaseException:
             guest.stop()
             raise
 
-    def save(self, guest: QemuGuest, dest: Path, compress: bool = True, level: int = 3) -> SaveResult:
+    def settle(self, guest: QemuGuest, flavour: Flavour, timeout: float = SETTLE_AFTER_READY_S) -> bool:
+        """Until the screen has settled (a desktop paints itself seconds after its session
+        said it runs); False if it still changes after ``timeout`` (a clock, an animation)."""
+        return self._wait_settled(guest, timeout, guest.is_alive)
+
+    def prepare_for_save(self, guest: QemuGuest) -> None:
+        """Through the guest agent: write dirty pages, drop the page cache (freed pages are
+        zeroed with ``init_on_free``, so they compress to nothing), and draw from the random
+        generator so that it was reseeded just before the save.
+
+        A flavour whose agent does not answer is saved as it is (a bigger statefile).
+        """
+        try:
+            with guest.agent(timeout=30.0) as agent:
+                status, _, err = agent.run(["/bin/sh", "-c", PREPARE_FOR_SAVE], timeout=120.0)
+                if status != 0:
+                    log.warning("%s: preparing for the save said %s", guest.name, err[:200])
+        except AgentError as e:
+            log.warning("%s: saved without dropping its caches: %s", guest.name, e)
+
+    def save(self, guest: QemuGuest, dest: Path, compress: bool = True, level: int = 3,
+             still: Path | None = None) -> SaveResult:
         """Stop the guest and write its state to ``dest`` (zstd with frame checksums), then quit it.
+
+        ``still``: where to write the screen as it is saved (PNG), taken once the guest
+        stopped, so that it is exactly the screen a restore starts with.
 
         :raises HypervisorError: the migration failed or timed out.
         """
         guest.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
         guest.qmp.execute("stop")
+        if still is not None:
+            still.write_bytes(to_png(guest.screendump()))
         part = dest.with_name(dest.name + ".part")
         read_fd, write_fd = os.pipe()
         out = open(part, "wb")

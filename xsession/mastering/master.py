@@ -9,14 +9,18 @@ The layout it writes (as README.md shows it)::
     MEDIUM/xenubuntu/flavours/NAME/disk-saved.qcow2  the overlay as it was at save time
     MEDIUM/xenubuntu/flavours/NAME/disk-session.qcow2  an empty overlay of it, copied per session
     MEDIUM/xenubuntu/flavours/NAME/state.zst       the saved running state
+    MEDIUM/xenubuntu/flavours/NAME/still.png       the screen as saved (built flavours)
+    MEDIUM/xenubuntu/flavours/NAME/vmlinuz, initrd.img   a built flavour's own kernel
+    MEDIUM/xenubuntu/flavours/NAME/NAME.iso        a live ISO flavour's CD
     MEDIUM/boot/grub/grub.cfg                      one entry per default flavour
+
+Where each flavour's files come from is :mod:`.sources`' business.
 """
 
 from __future__ import annotations
 
 import datetime
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,26 +32,30 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..errors import ManifestError
-from ..manifest import (ColdBoot, Disk, Flavour, MachineConfig, Manifest, Statefile, manifest_to_dict,
-                        parse_manifest)
+from ..manifest import Flavour, Manifest, Statefile, manifest_to_dict, parse_manifest
+from . import sources
+from .sources import DEFAULT_MACHINE_TYPE
 
 if TYPE_CHECKING:
     from ..hypervisor.qemu import QemuBackend
 
 __all__ = ["FlavourSpec", "MediumSpec", "load_spec", "master_medium", "DEFAULT_MACHINE_TYPE"]
 
-DEFAULT_MACHINE_TYPE = "pc-i440fx-7.2"  # pinned: the `pc` alias moves with every QEMU release
 Report = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class FlavourSpec:
+    """One flavour of a mastering spec: a demo guest (``initrd``) or a build folder (``build``)."""
+
     name: str
     title: str
     priority: int
-    memory_mib: int
-    initrd: str
+    memory_mib: int | None
+    initrd: str = ""
     vcpus: int = 1
+    #: a folder holding ``flavour.json`` (a disk image or a live ISO), relative to the guests folder
+    build: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,66 +68,83 @@ class MediumSpec:
 
 
 def load_spec(path: Path, memory_override: dict[str, int] | None = None) -> MediumSpec:
-    """Read a mastering spec (see ``demo/flavours.yaml``).
+    """Read a mastering spec (see ``demo/flavours.yaml`` and ``demo/desktops.yaml``).
 
     :raises ManifestError: naming the file and field.
     """
     try:
         data = yaml.safe_load(path.read_text())
-        flavours = tuple(
-            FlavourSpec(name=f["name"], title=f.get("title", f["name"]), priority=int(f.get("priority", 100)),
-                        memory_mib=int((memory_override or {}).get(f["name"], f["memory_mib"])),
-                        initrd=f["initrd"], vcpus=int(f.get("vcpus", 1)))
-            for f in data["flavours"])
-        return MediumSpec(default=data.get("default", flavours[0].name), flavours=flavours, kernel=data["kernel"],
+        flavours = []
+        for f in data["flavours"]:
+            memory = (memory_override or {}).get(f["name"], f.get("memory_mib"))
+            if not f.get("build") and memory is None:
+                raise KeyError("memory_mib")
+            if not f.get("build") and not f.get("initrd"):
+                raise KeyError("initrd (or build)")
+            flavours.append(FlavourSpec(name=f["name"], title=f.get("title", f["name"]),
+                                        priority=int(f.get("priority", 100)),
+                                        memory_mib=None if memory is None else int(memory),
+                                        initrd=f.get("initrd", ""), vcpus=int(f.get("vcpus", 1)),
+                                        build=f.get("build", "")))
+        if any(not f.build for f in flavours) and "kernel" not in data:
+            raise KeyError("kernel")
+        return MediumSpec(default=data.get("default", flavours[0].name), flavours=tuple(flavours),
+                          kernel=data.get("kernel", ""),
                           cmdline=data.get("cmdline", "console=ttyS0 panic=-1 quiet"),
                           disk_mib=int(data.get("disk_mib", 16)))
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError) as e:
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise ManifestError(str(path), f"is not a valid mastering spec: {e!r}") from e
 
 
-def _flavour_entry(spec: FlavourSpec, medium: MediumSpec, accel: str) -> Flavour:
-    base = f"flavours/{spec.name}"
-    return Flavour(
-        name=spec.name, title=spec.title, priority=spec.priority, backend="qemu",
-        machine=MachineConfig(machine_type=DEFAULT_MACHINE_TYPE, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                              accel=accel, cpu="qemu64", vga="std", disk_bus="virtio"),
-        disk=Disk(base=f"{base}/disk-base.qcow2", saved_overlay=f"{base}/disk-saved.qcow2",
-                  session_template=f"{base}/disk-session.qcow2"),
-        statefile=None,
-        cold_boot=ColdBoot(kernel="pool/vmlinuz", initrd=f"{base}/initrd.cpio", cmdline=medium.cmdline,
-                           ready_line=f"XS-READY flavour={spec.name}", timeout_s=120.0),
-    )
+def _lay_out(spec: FlavourSpec, medium: MediumSpec, guests: Path, fdir: Path, accel: str, cpu: str) -> Flavour:
+    """The flavour's manifest entry, its files put in its folder on the medium."""
+    for f in ("state.zst", "still.png"):
+        (fdir / f).unlink(missing_ok=True)
+    if not spec.build:
+        shutil.copyfile(guests / spec.initrd, fdir / "initrd.cpio")
+        sources.disk_layers(fdir, base_size_mib=medium.disk_mib)
+        assert spec.memory_mib is not None  # load_spec requires it of initrd guests
+        return sources.initrd_flavour(spec.name, spec.title, spec.priority, spec.memory_mib, spec.vcpus,
+                                      medium.cmdline, accel, cpu)
+    build = sources.read_build(guests / spec.build)
+    if build.name != spec.name:
+        raise ManifestError(str(guests / spec.build / "flavour.json"),
+                            f"builds {build.name!r}, but the spec calls it {spec.name!r}")
+    if build.kernel is not None and build.initrd is not None:
+        sources.place(build.folder / build.kernel, fdir / "vmlinuz")
+        sources.place(build.folder / build.initrd, fdir / "initrd.img")
+    if build.source == "iso":
+        sources.place(build.folder / build.image, fdir / f"{build.name}.iso")
+    else:
+        sources.disk_layers(fdir, base_image=build.folder / build.image)
+    flavour = sources.built_flavour(build, spec.priority, spec.memory_mib, spec.vcpus, accel, cpu)
+    return replace(flavour, title=spec.title if spec.title != spec.name else flavour.title)
 
 
 def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, guests: Path, root: Path,
                 accel: str, settle_s: float, report: Report) -> Flavour:
-    flavour = _flavour_entry(spec, medium, accel)
     fdir = root / "flavours" / spec.name
     fdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(guests / spec.initrd, fdir / "initrd.cpio")
-    for f in ("disk-base.qcow2", "disk-saved.qcow2", "disk-session.qcow2", "state.zst"):
-        (fdir / f).unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "disk-base.qcow2", f"{medium.disk_mib}M"],
-                   cwd=fdir, check=True)
-    # relative backing file: the medium can be mounted anywhere
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk-base.qcow2",
-                    "disk-saved.qcow2"], cwd=fdir, check=True)
-    # each session's overlay starts as a copy of this (no qemu-img on the restore's critical path)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk-saved.qcow2",
-                    "disk-session.qcow2"], cwd=fdir, check=True)
+    flavour = _lay_out(spec, medium, guests, fdir, accel, "qemu64")
     manifest = Manifest(path=str(root / "manifest.yaml"), default=medium.default, flavours=(flavour,))
     rundir = Path(tempfile.mkdtemp(prefix=f"xsm-{spec.name}-"))  # short: unix socket paths <= 107 bytes
+    still = fdir / "still.png" if flavour.still else None
     try:
         t0 = time.monotonic()
-        report(f"{spec.name}: booting ({spec.memory_mib} MiB, {accel})")
-        guest = backend.boot_for_save(flavour, manifest, rundir, fdir / "disk-saved.qcow2")
+        report(f"{spec.name}: booting ({flavour.memory_mib} MiB, {accel}, {flavour.source}; "
+               f"ready when {_READY_WORDS[flavour.readiness]})")
+        disk = fdir / "disk-saved.qcow2" if flavour.disk is not None else None
+        guest = backend.boot_for_save(flavour, manifest, rundir, disk)
         try:
-            t_boot = time.monotonic() - t0
-            report(f"{spec.name}: ready after {t_boot:.1f} s; letting it settle {settle_s:.0f} s")
-            time.sleep(settle_s)  # the desktop is idle, as a person would find it
+            report(f"{spec.name}: ready after {time.monotonic() - t0:.1f} s")
+            if flavour.readiness != "console":
+                backend.settle(guest, flavour)  # the desktop painted, as a person would find it
+                report(f"{spec.name}: screen settled after {time.monotonic() - t0:.1f} s")
+            time.sleep(settle_s)
+            if flavour.machine.guest_channel:
+                backend.prepare_for_save(guest)  # caches dropped: a smaller statefile
             t1 = time.monotonic()
-            saved = backend.save(guest, fdir / "state.zst")
+            saved = backend.save(guest, fdir / "state.zst", still=still)
         except BaseException:  # Ctrl-C too: the guest runs in its own session and would stay
             guest.stop()
             raise
@@ -132,11 +157,19 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
     return replace(flavour, statefile=sf)
 
 
+_READY_WORDS = {"console": "its console says so", "channel": "its guest agent says so",
+                "screen": "its screen has settled"}
+
+
 def resolve_accel(accel: str, spec: MediumSpec, guests: Path) -> str:
     """``auto`` becomes ``kvm`` when a probe boot of the first flavour works, else ``tcg``."""
     if accel != "auto":
         return accel
-    first = _flavour_entry(spec.flavours[0], spec, "kvm")
+    spec0 = spec.flavours[0]
+    if spec0.build or spec0.memory_mib is None:
+        return "tcg"  # the probe boots a demo guest; a desktop probe would take a minute
+    first = sources.initrd_flavour(spec0.name, spec0.title, spec0.priority, spec0.memory_mib, spec0.vcpus,
+                                   spec.cmdline, "kvm", "qemu64")
     work = Path(tempfile.mkdtemp(prefix="xsm-probe-"))
     try:
         (work / "pool").mkdir()
@@ -158,7 +191,8 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     """
     root = out / "xenubuntu"
     (root / "pool").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(guests / spec.kernel, root / "pool" / "vmlinuz")
+    if spec.kernel:
+        shutil.copyfile(guests / spec.kernel, root / "pool" / "vmlinuz")
     from ..hypervisor.qemu import QemuBackend
     backend = QemuBackend()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

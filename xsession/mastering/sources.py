@@ -1,0 +1,163 @@
+"""Where a flavour comes from, and what of it goes onto the medium.
+
+Three sources (``source`` in the manifest):
+
+* ``initrd``: a tiny demo guest (a shared kernel, an initrd of its own, a small
+  empty disk); ready when its console prints its ready line.
+* ``disk``: an installed system, a bootable disk image (qcow2 or raw) with its
+  kernel and initrd for a direct boot.
+* ``iso``: a live ISO. It goes onto the medium and stays attached, read-only, as
+  the VM's CD drive at restore too: a live system keeps reading its squashfs.
+  Booted directly with its kernel and initrd when they are given (much faster
+  under emulation), else through the ISO's own boot loader.
+
+``disk`` and ``iso`` flavours come from a build folder holding ``flavour.json``
+(``demo/build-flavour.sh`` makes them). Flavours we built carry the guest agent:
+they get the guest channel, the VM generation ID device and a network, and are
+ready when the agent says so; a build that does not say ``agent`` is ready when
+its screen has settled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ManifestError
+from ..manifest import ColdBoot, Disk, Flavour, MachineConfig
+
+__all__ = ["DEFAULT_MACHINE_TYPE", "BuiltFlavour", "read_build", "initrd_flavour", "built_flavour", "place"]
+
+DEFAULT_MACHINE_TYPE = "pc-i440fx-7.2"  # pinned: the `pc` alias moves with every QEMU release
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+@dataclass(frozen=True)
+class BuiltFlavour:
+    """A build folder's ``flavour.json``, checked."""
+
+    folder: Path
+    name: str
+    title: str
+    description: str
+    source: str               # disk | iso
+    memory_mib: int
+    kernel: str | None
+    initrd: str | None
+    cmdline: str
+    image: str                # the disk image or the ISO, in the folder
+    agent: bool               # the guest agent runs in it: channel readiness, freshening
+
+
+def read_build(folder: Path) -> BuiltFlavour:
+    """:raises ManifestError: a missing or malformed ``flavour.json``."""
+    path = folder / "flavour.json"
+    try:
+        data: Any = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ManifestError(str(path), f"cannot be read: {e}") from e
+
+    def field(key: str, kind: type, default: Any = ...) -> Any:
+        value = data.get(key, default) if isinstance(data, dict) else default
+        if value is ... or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise ManifestError(str(path), f"needs {key!r} as {kind.__name__}")
+        return value
+
+    source = field("source", str)
+    if source not in ("disk", "iso"):
+        raise ManifestError(str(path), f"source must be disk or iso, not {source!r}")
+    name = field("name", str)
+    if not _NAME.fullmatch(name):
+        raise ManifestError(str(path), f"{name!r} is not a flavour name")
+    image = field("disk" if source == "disk" else "iso", str)
+    kernel = field("kernel", str, None) if data.get("kernel") is not None else None
+    initrd = field("initrd", str, None) if data.get("initrd") is not None else None
+    for rel in (image, kernel, initrd):
+        if rel is not None and not (folder / rel).is_file():
+            raise ManifestError(str(path), f"names {rel!r}, which is not in {folder}")
+    return BuiltFlavour(folder=folder, name=name, title=field("title", str, name),
+                        description=field("description", str, ""), source=source,
+                        memory_mib=field("memory_mib", int), kernel=kernel, initrd=initrd,
+                        cmdline=field("cmdline", str, ""), image=image,
+                        agent=bool(data.get("guest_port")) and bool(data.get("agent_port")))
+
+
+def initrd_flavour(name: str, title: str, priority: int, memory_mib: int, vcpus: int, cmdline: str,
+                   accel: str, cpu: str) -> Flavour:
+    """A demo guest: shared kernel, its own initrd, a small disk."""
+    base = f"flavours/{name}"
+    return Flavour(
+        name=name, title=title, priority=priority, backend="qemu",
+        machine=MachineConfig(machine_type=DEFAULT_MACHINE_TYPE, memory_mib=memory_mib, vcpus=vcpus,
+                              accel=accel, cpu=cpu, vga="std", disk_bus="virtio"),
+        disk=Disk(base=f"{base}/disk-base.qcow2", saved_overlay=f"{base}/disk-saved.qcow2",
+                  session_template=f"{base}/disk-session.qcow2"),
+        statefile=None,
+        cold_boot=ColdBoot(kernel="pool/vmlinuz", initrd=f"{base}/initrd.cpio", cmdline=cmdline,
+                           ready_line=f"XS-READY flavour={name}", timeout_s=120.0),
+    )
+
+
+def built_flavour(build: BuiltFlavour, priority: int, memory_mib: int | None, vcpus: int, accel: str,
+                  cpu: str) -> Flavour:
+    """A flavour from a build folder: a disk image or a live ISO."""
+    base = f"flavours/{build.name}"
+    iso = build.source == "iso"
+    machine = MachineConfig(machine_type=DEFAULT_MACHINE_TYPE, memory_mib=memory_mib or build.memory_mib,
+                            vcpus=vcpus, accel=accel, cpu=cpu, vga="std",
+                            disk_bus="none" if iso else "virtio", guest_channel=build.agent,
+                            vmgenid=True, nic="user", cdrom=iso)
+    return Flavour(
+        name=build.name, title=build.title, priority=priority, backend="qemu", machine=machine,
+        disk=None if iso else Disk(base=f"{base}/disk-base.qcow2", saved_overlay=f"{base}/disk-saved.qcow2",
+                                   session_template=f"{base}/disk-session.qcow2"),
+        statefile=None,
+        cold_boot=ColdBoot(kernel=f"{base}/vmlinuz" if build.kernel else None,
+                           initrd=f"{base}/initrd.img" if build.initrd else None, cmdline=build.cmdline,
+                           ready_line=f"xenubuntu1 ready {build.name}" if build.agent else "",
+                           timeout_s=600.0),  # a desktop under emulation takes about a minute
+        description=build.description, source=build.source,
+        readiness="channel" if build.agent else "screen",
+        iso=f"{base}/{build.name}.iso" if iso else None,
+        still=f"{base}/still.png",
+    )
+
+
+def place(src: Path, dest: Path) -> None:
+    """Put a big read-only file onto the medium: a hard link where the file system
+    allows (the build cache and the medium often share one), else a copy."""
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def disk_layers(fdir: Path, base_size_mib: int | None = None, base_image: Path | None = None) -> None:
+    """The disk base (a new empty one, or the build's image), the overlay that travels
+    with the statefile and an empty template of it copied for each session."""
+    for f in ("disk-base.qcow2", "disk-saved.qcow2", "disk-session.qcow2"):
+        (fdir / f).unlink(missing_ok=True)
+    if base_image is not None:
+        with open(base_image, "rb") as f:
+            qcow2 = f.read(4) == b"QFI\xfb"
+        if qcow2:
+            place(base_image, fdir / "disk-base.qcow2")
+        else:
+            subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(base_image), "disk-base.qcow2"],
+                           cwd=fdir, check=True)
+    else:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "disk-base.qcow2", f"{base_size_mib}M"],
+                       cwd=fdir, check=True)
+    # relative backing files: the medium can be mounted anywhere
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk-base.qcow2",
+                    "disk-saved.qcow2"], cwd=fdir, check=True)
+    # each session's overlay starts as a copy of this (no qemu-img on the restore's critical path)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "disk-saved.qcow2",
+                    "disk-session.qcow2"], cwd=fdir, check=True)
