@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
+from ..cpumodel import HostCpu, check_model, read_cpuinfo
 from ..diskchain import check_chain
 from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
@@ -394,8 +395,15 @@ class QemuBackend:
     def __init__(self, binary: str = QEMU_BINARY):
         self.binary = binary
         self._aborting = threading.Event()
+        self._host_cpu: HostCpu | None = None
         self._kvm: bool | None = None  # probed once, on first need
         self._kvm_lock = threading.Lock()
+
+    def host_cpu(self) -> HostCpu:
+        """This host's CPU, as ``/proc/cpuinfo`` tells (read once)."""
+        if self._host_cpu is None:
+            self._host_cpu = read_cpuinfo()
+        return self._host_cpu
 
     def abort(self) -> None:
         """End every restore and cold boot in flight (the manager is shutting down): each
@@ -505,6 +513,9 @@ class QemuBackend:
             # a KVM stream does not load under TCG: the guest must cold-boot
             raise HypervisorError(f"restore {flavour.name}",
                                   "the statefile was saved under KVM, and KVM cannot run a guest on this host")
+        if flavour.machine.accel == "kvm":
+            # a model that needs a flag this CPU lacks would fail in the guest: refuse, cold boot
+            check_model(sf.saved_with.cpu, self.host_cpu())
         deadline = time.monotonic() + RESTORE_BASE_TIMEOUT_S + sf.size / RESTORE_BYTES_PER_S
         read_fd, write_fd = os.pipe()
         widen_pipe(write_fd)

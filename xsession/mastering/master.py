@@ -33,6 +33,7 @@ import yaml
 
 from ..errors import ManifestError
 from ..manifest import Flavour, Manifest, Statefile, manifest_to_dict, parse_manifest
+from ..cpumodel import FALLBACK_MODEL, choose_model, read_cpuinfo
 from . import sources
 from .sources import DEFAULT_MACHINE_TYPE
 
@@ -125,7 +126,10 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
                 accel: str, settle_s: float, report: Report) -> Flavour:
     fdir = root / "flavours" / spec.name
     fdir.mkdir(parents=True, exist_ok=True)
-    flavour = _lay_out(spec, medium, guests, fdir, accel, "qemu64")
+    # under KVM a conservative named model this host runs, so the statefile restores on any
+    # host of its class; under TCG the emulated qemu64
+    cpu = choose_model(read_cpuinfo()) if accel == "kvm" else FALLBACK_MODEL
+    flavour = _lay_out(spec, medium, guests, fdir, accel, cpu)
     manifest = Manifest(path=str(root / "manifest.yaml"), default=medium.default, flavours=(flavour,))
     rundir = Path(tempfile.mkdtemp(prefix=f"xsm-{spec.name}-"))  # short: unix socket paths <= 107 bytes
     still = fdir / "still.png" if flavour.still else None
