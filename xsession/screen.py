@@ -99,18 +99,24 @@ def thumbnail(picture: Picture, max_width: int = 320) -> Picture:
     return Picture(width, height, bytes(out))
 
 
-def settled(samples: Sequence[tuple[float, str]], quiet_s: float, min_changes: int = 1) -> bool:
+def settled(samples: Sequence[tuple[float, str]], quiet_s: float, min_changes: int = 1,
+            blink_states: int = 2) -> bool:
     """Whether a screen has settled: it changed at least ``min_changes`` times (it is
-    not a blank that never started) and has not changed for ``quiet_s`` seconds since.
+    not a blank that never started), and for the last ``quiet_s`` seconds it showed at
+    most ``blink_states`` different pictures (a blinking cursor is two) that it had
+    already shown before that window (so a screen still drawing new things is not).
 
     ``samples`` are (time, digest) pairs in time order.
     """
-    if not samples:
+    if not samples or samples[-1][0] - samples[0][0] < quiet_s:
         return False
-    changes = 0
-    last_change = samples[0][0]
-    for (_, before), (t, now) in zip(samples, samples[1:], strict=False):
-        if now != before:
-            changes += 1
-            last_change = t
-    return changes >= min_changes and samples[-1][0] - last_change >= quiet_s
+    changes = sum(1 for (_, a), (_, b) in zip(samples, samples[1:], strict=False) if a != b)
+    if changes < min_changes:
+        return False
+    start = samples[-1][0] - quiet_s
+    window = {d for t, d in samples if t >= start}
+    before = [d for t, d in samples if t < start]
+    if len(window) > blink_states or not before:
+        return False
+    # each picture of the window was on the screen already when the window began
+    return len(window) == 1 and before[-1] in window or window <= set(before[-2 * blink_states:])
