@@ -352,3 +352,23 @@ def test_xsessionctl(private_bus, xsessiond, client):
         out, _ = watch.communicate(timeout=10)
     assert re.search(r"ubuntu\s+restoring", out) and re.search(r"ubuntu\s+running", out), out
     assert re.search(r"ubuntu\s+paused", out) and re.search(r"ubuntu\s+stopped", out), out
+
+
+def test_get_picture_live_for_the_authorized_and_nothing_live_for_others(polkitd, xsessiond, client):
+    import struct
+    xsessiond("xenubuntu.restore=off")
+    png, kind = client.call(KUBUNTU, SESSION_IFACE, "GetPicture", GLib.Variant("(u)", (0,)))
+    assert (bytes(png), kind) == (b"", "")  # not running, and the demo flavours have no still
+    client.activate("kubuntu")
+    client.wait_state("kubuntu", {"running"})
+    png, kind = client.call(KUBUNTU, SESSION_IFACE, "GetPicture", GLib.Variant("(u)", (160,)))
+    png = bytes(png)
+    assert kind == "live" and png.startswith(b"\x89PNG")
+    width, height = struct.unpack(">II", png[16:24])
+    assert 0 < width <= 160 and 0 < height < width
+    full = bytes(client.call(KUBUNTU, SESSION_IFACE, "GetPicture", GLib.Variant("(u)", (0,)))[0])
+    assert struct.unpack(">I", full[16:20])[0] > width
+    other = gdbus(polkitd, "call", "--dest", BUS_NAME, "--object-path", KUBUNTU, "--method",
+                  f"{SESSION_IFACE}.GetPicture", "uint32 160", user=NOBODY)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() in ("(@ay [], '')", "(b'', '')"), other.stdout

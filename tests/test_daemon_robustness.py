@@ -92,6 +92,7 @@ CALLS = {
     (SESSION_IFACE, "Pause"): [],
     (SESSION_IFACE, "Resume"): [],
     (SESSION_IFACE, "Reset"): [],
+    (SESSION_IFACE, "GetPicture"): ["uint32 64"],
     (SESSION_IFACE, "Stop"): [],
 }
 

@@ -187,6 +187,9 @@ def _session_properties(v: SessionView) -> dict[str, Any]:
         "MemoryMiB": int(v.memory_mib),
         "Console": dict(v.console),
         "LastChange": float(v.last_change),
+        "Description": v.description,
+        "Source": v.source,
+        "Heartbeat": {"seq": v.heartbeat_seq, "at": float(v.heartbeat_at)},
     }
 
 
@@ -460,6 +463,9 @@ class SessionsService:
             if method == "Activate":
                 self._activate(invocation, sender, name, {})
                 return
+            if method == "GetPicture":
+                self._picture(invocation, sender, name, int(params.unpack()[0]))
+                return
             actions: dict[str, Callable[[], object]] = {
                 "Pause": lambda: engine.pause(name),
                 "Resume": lambda: engine.resume(name),
@@ -512,6 +518,25 @@ class SessionsService:
         self._mutate(invocation, sender, ACTION_ADMINISTER if make_default else ACTION_MANAGE,
                      not options.get("auth.no_user_interaction", False), act, f"Activate {name}")
 
+    def _picture(self, invocation: Gio.DBusMethodInvocation, sender: str, name: str, max_width: int) -> None:
+        """A live screen is the person's own business: authorized like Pause, never
+        interactive (a chooser asks every few seconds); the still is the medium's."""
+        engine = self._engine()
+
+        def run(allowed: bool) -> None:
+            try:
+                png, kind = engine.picture(name, max_width) if allowed else (b"", "")
+                if not png and not allowed:
+                    png, kind = _still_only(engine, name)
+                invocation.return_value(GLib.Variant("(ays)", (png, kind)))
+            except Exception as e:
+                _return_error(invocation, e)
+
+        def decided(caller: Caller | None, refusal: XSessionError | None) -> None:
+            threading.Thread(target=run, args=(refusal is None,), name=f"bus-picture-{name}", daemon=True).start()
+
+        self.authorizer.check(sender, ACTION_MANAGE, False, decided)
+
     def _set_default(self, name: str) -> None:
         self._engine().set_default(name)
         self.manager_changed()
@@ -554,6 +579,17 @@ class SessionsService:
             return {}
         return {session_path(v.name): {SESSION_IFACE: self._typed(SESSION_IFACE, _session_properties(v))}
                 for v in self.engine.sessions()}
+
+
+def _still_only(engine: Engine, name: str) -> tuple[bytes, str]:
+    """The still of a flavour, for a caller who may not see its live screen."""
+    still = engine.manifest.flavour(name).still
+    if still is None:
+        return b"", ""
+    try:
+        return engine.manifest.resolve(still).read_bytes(), "still"
+    except (OSError, XSessionError):
+        return b"", ""
 
 
 def _activate_options(options: GLib.Variant) -> dict[str, Any]:

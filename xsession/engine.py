@@ -97,6 +97,10 @@ class SessionView:
     console: dict[str, str]
     last_change: float
     origin: str  # "", "restored", "cold-booted", "adopted"
+    description: str = ""
+    source: str = ""
+    heartbeat_seq: int = 0
+    heartbeat_at: float = 0.0
 
     @property
     def progress(self) -> float:
@@ -122,11 +126,14 @@ class _Session:
     last_emit_fraction: float = 0.0
 
     def view(self) -> SessionView:
+        channel = getattr(self.guest, "channel", None)
         return SessionView(
             name=self.flavour.name, title=self.flavour.title, state=self.state, reason=self.reason,
             bytes_done=self.bytes_done, bytes_total=self.bytes_total, priority=self.flavour.priority,
             memory_mib=self.flavour.memory_mib, console=dict(self.guest.console) if self.guest else {},
-            last_change=self.last_change, origin=self.origin)
+            last_change=self.last_change, origin=self.origin, description=self.flavour.description,
+            source=self.flavour.source, heartbeat_seq=channel.last_seq if channel is not None else 0,
+            heartbeat_at=channel.last_at if channel is not None else 0.0)
 
 
 def _mark_ran(rundir: Path) -> None:
@@ -529,6 +536,28 @@ class Engine:
         self._release(s, guest)
         shutil.rmtree(self._rundir(name), ignore_errors=True)
         return self.activate(name)
+
+    def picture(self, name: str, max_width: int = 0) -> tuple[bytes, str]:
+        """What the flavour looks like: its running guest's screen now (``live``), else the
+        still saved at mastering (``still``), else nothing. Slow (a screendump): call it
+        outside the main loop.
+        """
+        with self._lock:
+            s = self._get(name)
+            guest = s.guest if s.state in (S.RUNNING, S.PAUSED) else None
+            still = s.flavour.still
+        if guest is not None and hasattr(guest, "picture"):
+            try:
+                png: bytes = guest.picture(max_width)
+                return png, "live"
+            except XSessionError as e:
+                log.debug("%s: no live picture: %s", name, e)
+        if still is not None:
+            try:
+                return self.manifest.resolve(still).read_bytes(), "still"
+            except (OSError, XSessionError) as e:
+                log.debug("%s: no still: %s", name, e)
+        return b"", ""
 
     def set_default(self, name: str) -> None:
         with self._lock:

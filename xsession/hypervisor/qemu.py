@@ -45,7 +45,7 @@ from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
 from .qga import PORT_NAME as AGENT_PORT
 from .qga import AgentError, GuestAgent
-from ..screen import Picture, digest, read_ppm, settled, to_png
+from ..screen import Picture, digest, read_ppm, settled, thumbnail, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import ExitCallback, HostMemory, Progress
 from .console import wait_for_text
@@ -75,6 +75,8 @@ SETTLE_QUIET_S = 3.0
 SETTLE_SAMPLE_S = 0.5
 #: at mastering, how long a desktop that said it is ready may take to paint itself
 SETTLE_AFTER_READY_S = 60.0
+#: a front-end's live picture is taken anew at most this often
+PICTURE_INTERVAL_S = 1.0
 
 
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
@@ -199,6 +201,7 @@ class QemuGuest:
         self.channel: ChannelReader | None = None
         #: what happened after a restore that a person should know (the clock, the network)
         self.note = ""
+        self._picture_cache: dict[int, tuple[float, bytes]] = {}
         self._watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
         self._watcher.start()
 
@@ -210,6 +213,18 @@ class QemuGuest:
     def agent(self, timeout: float = AGENT_TIMEOUT_S) -> GuestAgent:
         """A conversation with the guest's agent (connect it with ``with``)."""
         return GuestAgent(self.rundir / "qga.sock", timeout)
+
+    def picture(self, max_width: int = 0) -> bytes:
+        """The screen now as a PNG, at most ``max_width`` wide (0: full size); a new one at
+        most once a second (front-ends may ask often, a screendump costs QEMU a frame)."""
+        now = time.monotonic()
+        cached = self._picture_cache.get(max_width)
+        if cached is not None and now - cached[0] < PICTURE_INTERVAL_S:
+            return cached[1]
+        picture = self.screendump()
+        png = to_png(thumbnail(picture, max_width) if max_width else picture)
+        self._picture_cache[max_width] = (now, png)
+        return png
 
     def screendump(self) -> Picture:
         """The guest's display now. :raises HypervisorError: QEMU could not take it."""
