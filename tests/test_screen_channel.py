@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from xsession.guestchannel import MAX_LINE, ChannelError, Heartbeat, Ready, parse_line
-from xsession.screen import Picture, read_ppm, same_picture, settled, thumbnail, to_png
+from xsession.screen import Picture, read_png, read_ppm, same_picture, settled, thumbnail, to_png
 
 
 def test_the_two_messages_and_nothing_else():
@@ -65,6 +65,7 @@ def test_ppm_png_and_thumbnails():
     pic = read_ppm(b"P6\n# QEMU\n%d %d\n255\n" % (w, h) + rgb)
     assert (pic.width, pic.height, pic.rgb) == (w, h, rgb)
     png = to_png(pic)
+    assert read_png(png) == pic
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IHDR" in png and png.endswith(b"IEND\xaeB`\x82")
     idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
     raw = zlib.decompress(idat)

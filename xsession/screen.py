@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Picture", "read_ppm", "to_png", "thumbnail", "digest", "settled", "same_picture"]
+__all__ = ["Picture", "read_ppm", "to_png", "read_png", "thumbnail", "digest", "settled", "same_picture"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,35 @@ def to_png(picture: Picture) -> bytes:
 
     header = struct.pack(">IIBBBBB", picture.width, picture.height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def read_png(data: bytes) -> Picture:
+    """A PNG as :func:`to_png` writes it (RGB, 8 bits, not interlaced, no filters):
+    enough to compare a saved still with a screen.
+
+    :raises ValueError: another kind of PNG, or not one.
+    """
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not a PNG")
+    pos, idat, header = 8, b"", b""
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    if len(header) != 13:
+        raise ValueError("a PNG without its header")
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    if (depth, colour, interlace) != (8, 2, 0):
+        raise ValueError("not an 8-bit RGB PNG")
+    raw = zlib.decompress(idat)
+    stride = width * 3 + 1
+    if len(raw) != stride * height or any(raw[y * stride] for y in range(height)):
+        raise ValueError("a PNG with filters or of another size")
+    return Picture(width, height, b"".join(raw[y * stride + 1:(y + 1) * stride] for y in range(height)))
 
 
 def thumbnail(picture: Picture, max_width: int = 320) -> Picture:

@@ -81,7 +81,8 @@ PICTURE_INTERVAL_S = 1.0
 
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
               disk: Path | None, *, incoming: str | None = None, vnc: bool = True,
-              accel: str | None = None, disk_backing: Path | None = None) -> list[str]:
+              accel: str | None = None, disk_backing: Path | None = None,
+              vmgenid_guid: str = "auto") -> list[str]:
     """The one place a QEMU command line is built, for saving, restoring and cold booting alike.
 
     Guest-visible parts come only from ``machine`` and the flavour's boot files; the
@@ -132,7 +133,7 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
                  "-chardev", f"socket,id=qga,path={_q(rundir / 'qga.sock')},server=on,wait=off",
                  "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT}"]
     if machine.vmgenid:
-        argv += ["-device", "vmgenid,id=vmgenid0"]  # a new generation ID at every start and restore
+        argv += ["-device", f"vmgenid,id=vmgenid0,guid={vmgenid_guid}"]
     if machine.nic == "user":
         # DHCP and the host only: restrict=on gives the guest no route out
         argv += ["-netdev", "user,id=net0,restrict=on",
@@ -407,8 +408,11 @@ class QemuBackend:
 
     name = "qemu"
 
-    def __init__(self, binary: str = QEMU_BINARY):
+    def __init__(self, binary: str = QEMU_BINARY, vmgenid_guid: str = "auto"):
+        """``vmgenid_guid``: the VM generation ID a guest gets; ``auto``, a new one each
+        time, is what makes every restored guest reseed its random generator."""
         self.binary = binary
+        self.vmgenid_guid = vmgenid_guid
         self._aborting = threading.Event()
         self._host_cpu: HostCpu | None = None
         self._kvm: bool | None = None  # probed once, on first need
@@ -491,7 +495,7 @@ class QemuBackend:
         overlay, backing = disk if isinstance(disk, tuple) else (disk, None)
         argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, overlay,
                          incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel,
-                         disk_backing=backing)
+                         disk_backing=backing, vmgenid_guid=self.vmgenid_guid)
         argv[0] = self.binary
         with open(rundir / "qemu.log", "wb") as log:
             try:

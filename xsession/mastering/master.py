@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["FlavourSpec", "MediumSpec", "load_spec", "master_medium", "DEFAULT_MACHINE_TYPE"]
 
 Report = Callable[[str], None]
+#: the VM generation ID flavours are saved with (restores get a new one each time)
+MASTERING_VMGENID = "6b8c9e3e-7f1a-4d2b-9c55-0e6f5a1d2c3b"
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,8 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     if spec.kernel:
         shutil.copyfile(guests / spec.kernel, root / "pool" / "vmlinuz")
     from ..hypervisor.qemu import QemuBackend
-    backend = QemuBackend()
+    # saved with a known generation ID: any restore that gives another one reseeds the guest
+    backend = QemuBackend(vmgenid_guid=MASTERING_VMGENID)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report)
                    for f in spec.flavours]
