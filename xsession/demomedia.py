@@ -1,0 +1,155 @@
+"""The demo's media, built when missing: the quick one of small demo guests, and the
+one of real flavours (Debian desktops, a server, a live ISO).
+
+Both are cached. The quick medium lives in the clone's ``.cache/`` (seconds to
+rebuild). The real flavours and their medium are big (GBs, minutes to build), so
+they live in a machine-wide cache outside the clone, keyed by a hash of what they
+are made from, so that a second clone, the tests and the demo share them:
+
+    /var/cache/xenubuntu/flavours/NAME-KEY/    a built flavour (demo/build-flavour.sh)
+    /var/cache/xenubuntu/media/desktops-KEY/   the medium mastered from them
+
+A medium is mastered into a temporary folder and renamed into place once it is
+complete and its manifest validates; one that fails that check is built again.
+Builders are serialised by a lock file, so parallel test runs wait for each other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import inspect
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import XSessionError
+from .manifest import MANIFEST_RELPATH, load_manifest
+from .mastering import master as _master
+from .mastering import sources as _sources
+from .mastering.master import load_spec, master_medium
+
+__all__ = ["REPO", "DEMO", "CACHE", "MEDIA_CACHE", "REAL_FLAVOURS", "ensure_demo_medium", "ensure_real_flavour",
+           "ensure_desktop_medium"]
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "demo"
+CACHE = REPO / ".cache"
+MEDIA_CACHE = Path(os.environ.get("XENUBUNTU_MEDIA_CACHE", "/var/cache/xenubuntu/media"))
+REAL_FLAVOURS = ("xubuntu", "lubuntu", "server")
+COMPLETE = ".complete"
+Report = Callable[[str], None]
+
+
+def ensure_demo_medium(cache: Path = CACHE, report: Report = print) -> Path:
+    """The demo medium's root, built (once) from Debian's packages and demo/flavours.yaml.
+
+    Several processes may ask at once (parallel test runs): a lock file makes one
+    of them build while the others wait.
+    """
+    guests = cache / "guests"
+    medium = cache / "medium"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "medium.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        subprocess.run([str(DEMO / "build-guests.sh"), str(guests)], check=True)
+        manifest = medium / MANIFEST_RELPATH
+        inputs = [DEMO / "flavours.yaml", guests / "vmlinuz", *guests.glob("initrd-*.cpio")]
+        if not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs):
+            report("mastering the demo medium (each flavour boots once and is saved) ...")
+            master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium,
+                          report=lambda line: report("  " + line))
+    return medium
+
+
+def ensure_real_flavour(name: str, report: Report | None = None) -> Path:
+    """The folder of a real flavour built from Debian's packages (``demo/build-flavour.sh``).
+
+    Builds it when the machine-wide cache has no valid build of the current recipe;
+    the cache serialises concurrent builders. ``report`` gets the build's progress
+    lines (default: they go to stderr).
+
+    :raises subprocess.CalledProcessError: the build failed.
+    """
+    if name not in REAL_FLAVOURS:
+        raise ValueError(f"no real flavour {name!r}; there are {', '.join(REAL_FLAVOURS)}")
+    cmd = [str(DEMO / "build-flavour.sh"), name]
+    if report is None:
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        return Path(done.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and proc.stdout is not None
+    for line in proc.stderr:
+        report(line.rstrip("\n"))
+    out = proc.stdout.read()
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out)
+    return Path(out.strip().splitlines()[-1])
+
+
+def _mastering_key(spec: Path, builds: dict[str, Path]) -> str:
+    """What a mastered medium is made of: the spec, each build (its folder names its
+    recipe's key), and the code that decides what a statefile holds."""
+    from .hypervisor import qemu
+    h = hashlib.sha256(spec.read_bytes())
+    for name, folder in sorted(builds.items()):
+        h.update(f"{name}={folder.name}\n".encode())
+    for code in (_master, _sources, qemu.qemu_argv, qemu.QemuBackend.boot_for_save, qemu.QemuBackend.save,
+                 qemu.QemuBackend.settle, qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE):
+        h.update(code.encode() if isinstance(code, str) else inspect.getsource(code).encode())
+    return h.hexdigest()[:12]
+
+
+def _valid(medium: Path) -> bool:
+    """Complete (the stamp is written last) and the manifest's statefiles are all there."""
+    if not (medium / COMPLETE).is_file():
+        return False
+    try:
+        manifest = load_manifest(medium / MANIFEST_RELPATH)
+        return all(f.statefile is not None and manifest.resolve(f.statefile.path).stat().st_size == f.statefile.size
+                   for f in manifest.flavours)
+    except (XSessionError, OSError):
+        return False
+
+
+def ensure_desktop_medium(report: Report = print, spec: Path = DEMO / "desktops.yaml",
+                          cache: Path = MEDIA_CACHE) -> Path:
+    """The medium of real flavours, built and mastered when the cache has no valid one.
+
+    The first time on a machine this builds three Debian systems (several minutes
+    each) and boots each once under QEMU to save it (about a minute each under
+    emulation); progress goes to ``report``.
+    """
+    names = [f.name for f in load_spec(spec).flavours]
+    builds = {}
+    for name in names:
+        report(f"flavour {name}: checking the build cache ...")
+        builds[name] = ensure_real_flavour(name, report=lambda line, n=name: report(f"  {n}: {line}"))
+    key = _mastering_key(spec, builds)
+    medium = cache / f"desktops-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _valid(medium):
+            return medium
+        shutil.rmtree(medium, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f"desktops-{key}.", dir=cache))
+        try:
+            guests = work / "guests"
+            guests.mkdir()
+            for name, folder in builds.items():
+                (guests / name).symlink_to(folder)
+            out = work / "medium"
+            report("mastering the desktop medium (each flavour boots once, settles and is saved) ...")
+            master_medium(load_spec(spec), guests, out, jobs=1, report=lambda line: report("  " + line))
+            (out / COMPLETE).write_text(key + "\n")
+            out.rename(medium)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for old in cache.glob("desktops-*"):
+            if old != medium and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)  # an older recipe's: no test or demo uses it now
+    return medium
