@@ -86,6 +86,8 @@ class SlowMedium:
     image: Path
     stats_file: Path
     loop: str | None = None
+    #: the processes serving it (nbdkit, nbdfuse), ended with the ``with`` block
+    pids: tuple[int, ...] = ()
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -191,7 +193,7 @@ def slow_medium(path: str | os.PathLike[str], kind: str | Profile = "dvd", *,
         stack.callback(_unmount_fuse, drive, fuse, tmp / "nbdfuse.log")
         _wait_for(lambda: (tmp / "nbdfuse.pid").exists() and image.exists(), fuse, "nbdfuse", tmp / "nbdfuse.log")
 
-        slow = SlowMedium(image, prof, image, stats_file)
+        slow = SlowMedium(image, prof, image, stats_file, pids=(nbdkit.pid, fuse.pid))
         if src.is_dir():
             slow.loop = _attach_loop(image)
             stack.callback(_detach_loop, slow.loop)
