@@ -151,7 +151,8 @@ def make_image(folder: Path, image: Path) -> Path:
 
 @contextmanager
 def slow_medium(path: str | os.PathLike[str], kind: str | Profile = "dvd", *,
-                workdir: str | os.PathLike[str] | None = None, trace: bool = False) -> Iterator[SlowMedium]:
+                workdir: str | os.PathLike[str] | None = None, trace: bool = False,
+                mount: bool = False) -> Iterator[SlowMedium]:
     """``path`` (a file, or a folder) as read from a slow medium of ``kind``
     (a name in :data:`PROFILES` or a :class:`Profile`).
 
@@ -159,6 +160,8 @@ def slow_medium(path: str | os.PathLike[str], kind: str | Profile = "dvd", *,
     temporary folder; a folder as a read-only mount of a squashfs image of it
     (made in the temporary folder). ``trace`` keeps one line per drive request
     in ``trace.log`` there (offset, length, seek, gap, delay, arrival).
+    ``mount``: ``path`` is a squashfs image already (:func:`make_image`), to be
+    served and mounted like a folder; several runs can share one image.
 
     :raises MediumSimError: a tool failed to start or to stop.
     """
@@ -169,6 +172,7 @@ def slow_medium(path: str | os.PathLike[str], kind: str | Profile = "dvd", *,
     with ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="medsim-", dir=workdir))
         stack.callback(_remove_workdir, tmp)  # runs last, once nothing is mounted there
+        mount = mount or src.is_dir()
         if src.is_dir():
             served = make_image(src, tmp / "medium.sqfs")
         else:
@@ -194,7 +198,7 @@ def slow_medium(path: str | os.PathLike[str], kind: str | Profile = "dvd", *,
         _wait_for(lambda: (tmp / "nbdfuse.pid").exists() and image.exists(), fuse, "nbdfuse", tmp / "nbdfuse.log")
 
         slow = SlowMedium(image, prof, image, stats_file, pids=(nbdkit.pid, fuse.pid))
-        if src.is_dir():
+        if mount:
             slow.loop = _attach_loop(image)
             stack.callback(_detach_loop, slow.loop)
             root = tmp / "medium"
