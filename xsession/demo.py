@@ -55,6 +55,32 @@ def ensure_demo_medium(cache: Path = CACHE, report=print) -> Path:
     return medium
 
 
+REAL_FLAVOURS = ("xubuntu", "lubuntu", "server")
+
+
+def ensure_real_flavour(name: str, report=None) -> Path:
+    """The folder of a real flavour built from Debian's packages (``demo/build-flavour.sh``).
+
+    Builds it when the machine-wide cache has no valid build of the current
+    recipe; the cache serialises concurrent builders. ``report`` gets the
+    build's progress lines (default: they go to stderr).
+
+    :raises subprocess.CalledProcessError: the build failed.
+    """
+    if name not in REAL_FLAVOURS:
+        raise ValueError(f"no real flavour {name!r}; there are {', '.join(REAL_FLAVOURS)}")
+    cmd = [str(DEMO / "build-flavour.sh"), name]
+    if report is None:
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        return Path(done.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and proc.stdout is not None
+    for line in proc.stderr:
+        report(line.rstrip("\n"))
+    out = proc.stdout.read()
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out)
+    return Path(out.strip().splitlines()[-1])
 
 
 def _ctl(address: str, *args: str) -> list[str]:
