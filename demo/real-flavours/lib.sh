@@ -117,7 +117,7 @@ EOS
   mkdir -p "$ROOT/var/lib/apt/lists/partial"
   for f in $(host_lists); do cp "$f" "$ROOT/var/lib/apt/lists/"; done
   # only if this machine holds no index of the main suite does the build fetch them
-  if ! host_lists | grep -q "_dists_${SUITE}_main_binary-amd64_Packages"; then
+  if ! host_lists | grep "_dists_${SUITE}_main_binary-amd64_Packages" >/dev/null; then
     log_progress "fetching package indexes"
     in_root apt-get -q update >>"$BUILD_LOG" 2>&1
   fi
