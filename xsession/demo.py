@@ -13,7 +13,6 @@ the sessions until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -25,36 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from .mastering.master import load_spec, master_medium
-from .manifest import MANIFEST_RELPATH
+from .demomedia import CACHE, DEMO, REAL_FLAVOURS, REPO, ensure_demo_medium, ensure_desktop_medium, \
+    ensure_real_flavour
+from .errors import XSessionError
 from .privatebus import system_like_config
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "demo"
-CACHE = REPO / ".cache"
+__all__ = ["CACHE", "DEMO", "REPO", "REAL_FLAVOURS", "ensure_demo_medium", "ensure_real_flavour",
+           "ensure_desktop_medium", "main"]
+
 BOOT_CMDLINE = "xenubuntu.flavour=kubuntu xenubuntu.restore=lazy"
-
-
-def ensure_demo_medium(cache: Path = CACHE, report=print) -> Path:
-    """The demo medium's root, built (once) from Debian's packages and demo/flavours.yaml.
-
-    Several processes may ask at once (parallel test runs): a lock file makes one
-    of them build while the others wait.
-    """
-    guests = cache / "guests"
-    medium = cache / "medium"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / "medium.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        subprocess.run([str(DEMO / "build-guests.sh"), str(guests)], check=True)
-        manifest = medium / MANIFEST_RELPATH
-        inputs = [DEMO / "flavours.yaml", guests / "vmlinuz", *guests.glob("initrd-*.cpio")]
-        if not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs):
-            report("mastering the demo medium (each flavour boots once and is saved) ...")
-            master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium, report=lambda line: report("  " + line))
-    return medium
-
-
+DESKTOPS_CMDLINE = "xenubuntu.flavour=xubuntu xenubuntu.restore=lazy"
 
 
 def _ctl(address: str, *args: str) -> list[str]:
@@ -122,12 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cmdline", default=BOOT_CMDLINE, help=f"boot options (default: {BOOT_CMDLINE!r})")
     p.add_argument("--medium", type=Path, help="use this medium instead of building the demo one")
     p.add_argument("--hold", action="store_true", help="keep the sessions running until Ctrl-C")
+    p.add_argument("--desktops", action="store_true",
+                   help="the real flavours (Xfce, LXQt as a live ISO, a server) instead of the small demo guests")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     args = p.parse_args(argv)
+    if args.desktops and args.cmdline == BOOT_CMDLINE:
+        args.cmdline = DESKTOPS_CMDLINE
 
     try:
-        medium = (args.medium or ensure_demo_medium()).resolve()
-    except subprocess.CalledProcessError as e:
+        if args.medium:
+            medium = args.medium.resolve()
+        elif args.desktops:
+            print("the real flavours and their medium (built once per machine; the first time takes a while)",
+                  flush=True)
+            medium = ensure_desktop_medium(report=lambda line: print(line, flush=True)).resolve()
+        else:
+            medium = ensure_demo_medium().resolve()
+    except (subprocess.CalledProcessError, XSessionError) as e:
         print(f"xsession-demo: {e}", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="xsd-"))  # short: unix socket paths

@@ -1,0 +1,230 @@
+# Shared steps of the real flavours' builds (sourced by build-flavour.sh, run
+# as root inside a private mount namespace so that every mount vanishes with
+# the build). A flavour's recipe (NAME.sh) sets TITLE, DESCRIPTION, SOURCE
+# (disk|iso), MEMORY_MIB, PACKAGES and may define flavour_configure.
+
+SUITE=bookworm
+# Everything a real flavour needs, whatever it is: a kernel for direct boot,
+# systemd with udev, and the QEMU guest agent (clock, drop caches).
+COMMON_PACKAGES="linux-image-amd64 initramfs-tools zstd systemd-sysv udev dbus kmod procps iproute2
+  qemu-guest-agent"
+# Under TCG, zeroing every allocated page costs 10-20 s of boot; freed pages are
+# zeroed instead, which also keeps a saved guest's RAM compressible.
+KERNEL_TUNING="init_on_free=1 init_on_alloc=0"
+CONSOLE="console=tty0 console=ttyS0,115200n8"
+
+# The archives this machine's apt uses (first matching URI), so that the build
+# talks to no other server.
+apt_uri() {
+  grep -hoE "https?://[^ \"]*$1/?( |\$)" /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+    /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1 | tr -d " " || true
+}
+MIRROR=${MIRROR:-$(apt_uri /debian)}
+SECMIRROR=${SECMIRROR:-$(apt_uri /debian-security)}
+MIRROR=${MIRROR%/}
+SECMIRROR=${SECMIRROR%/}
+
+# progress lines on stderr: seconds since the build started, and the phase
+export BUILD_START=${BUILD_START:-$(date +%s)}
+log_progress() { printf 'build-flavour: [%4ds] %s\n' $(($(date +%s) - BUILD_START)) "$*" >&2; }
+
+# The package indexes this machine's apt holds for our mirrors and suites
+# (apt names them after the URI). Their InRelease files identify the package
+# versions a build gets.
+list_prefix() { local u=${1#*://}; echo "${u//\//_}"; }
+host_lists() {
+  local f p
+  for p in "$(list_prefix "$MIRROR")_dists_${SUITE}_" "$(list_prefix "$MIRROR")_dists_${SUITE}-updates_" \
+           ${SECMIRROR:+"$(list_prefix "$SECMIRROR")_dists_${SUITE}-security_"}; do
+    for f in /var/lib/apt/lists/"$p"*; do
+      [ -f "$f" ] && echo "$f"
+    done
+  done
+}
+index_identity() { host_lists | grep '_InRelease$' | xargs -r cat | sha256sum | cut -c1-16; }
+
+chroot_mounts() {  # $1 = root
+  local r=$1
+  mount -t proc proc "$r/proc"
+  mount -t sysfs sysfs "$r/sys"
+  mount --bind /dev "$r/dev"
+  mount -t devpts devpts "$r/dev/pts" -o newinstance,ptmxmode=0666
+  mount -t tmpfs tmpfs "$r/run"
+  mkdir -p "$r/var/cache/apt/archives"
+  mount --bind "$DEBS" "$r/var/cache/apt/archives"
+}
+chroot_umounts() {  # $1 = root; before anything deletes the tree
+  local m
+  for m in var/cache/apt/archives run dev/pts dev sys proc; do
+    umount "$1/$m" 2>/dev/null || umount -l "$1/$m" 2>/dev/null || true
+  done
+}
+in_root() {
+  chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 \
+    DEBIAN_FRONTEND=noninteractive "$@"
+}
+
+# The minimal Debian system every flavour starts from, kept as a tarball in the
+# cache so that a rebuild neither runs debootstrap nor downloads anything.
+BASE_INCLUDE="systemd-sysv,udev,dbus,kmod,procps,iproute2"
+ensure_base() {  # prints the tarball's path
+  local key tar tmp
+  key=$( { echo "2 $SUITE $BASE_INCLUDE $MIRROR"; index_identity; } | sha256sum | cut -c1-12)
+  tar=$CACHE/base-$SUITE-$key.tar.zst
+  if [ ! -s "$tar" ]; then
+    log_progress "debootstrap $SUITE (minbase) from $MIRROR"
+    tmp=$(mktemp -d "$CACHE/.base.XXXXXX")
+    debootstrap --variant=minbase --include="$BASE_INCLUDE" --cache-dir="$DEBS" \
+      "$SUITE" "$tmp/root" "$MIRROR" >>"$BUILD_LOG" 2>&1
+    # without the downloaded packages and indexes: the cache holds those
+    tar --numeric-owner --xattrs --acls -C "$tmp/root" --exclude='./var/cache/apt/archives/*.deb' \
+      --exclude='./var/lib/apt/lists/*_*' -cf - . | zstd -q -T0 -3 -o "$tar.part"
+    mv "$tar.part" "$tar"
+    rm -rf --one-file-system "$tmp"
+  fi
+  echo "$tar"
+}
+
+# apt inside the new system: this machine's mirrors, the package indexes this
+# machine already holds (so the versions are those the recipe key names), no
+# recommends, no documentation, no daemons started while building.
+setup_apt() {
+  local f
+  cat > "$ROOT/etc/apt/sources.list" <<EOS
+deb $MIRROR $SUITE main
+deb $MIRROR $SUITE-updates main
+EOS
+  [ -n "$SECMIRROR" ] && echo "deb $SECMIRROR $SUITE-security main" >> "$ROOT/etc/apt/sources.list"
+  cat > "$ROOT/etc/apt/apt.conf.d/90xenubuntu" <<'EOS'
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+Acquire::Languages "none";
+Acquire::Check-Valid-Until "false";
+EOS
+  cat > "$ROOT/etc/dpkg/dpkg.cfg.d/90xenubuntu" <<'EOS'
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+path-exclude=/usr/share/lintian/*
+force-unsafe-io
+EOS
+  printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
+  chmod 755 "$ROOT/usr/sbin/policy-rc.d"
+  rm -rf "$ROOT"/var/lib/apt/lists/*
+  mkdir -p "$ROOT/var/lib/apt/lists/partial"
+  for f in $(host_lists); do cp "$f" "$ROOT/var/lib/apt/lists/"; done
+  # only if this machine holds no index of the main suite does the build fetch them
+  if ! host_lists | grep "_dists_${SUITE}_main_binary-amd64_Packages" >/dev/null; then
+    log_progress "fetching package indexes"
+    in_root apt-get -q update >>"$BUILD_LOG" 2>&1
+  fi
+}
+
+install_packages() {  # package names
+  in_root apt-get -q -y dist-upgrade >>"$BUILD_LOG" 2>&1
+  # shellcheck disable=SC2068
+  in_root apt-get -q -y install $@ >>"$BUILD_LOG" 2>&1
+}
+
+# Configuration every real flavour shares.
+common_configure() {
+  echo "$NAME" > "$ROOT/etc/hostname"
+  printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n127.0.1.1 %s\n' "$NAME" > "$ROOT/etc/hosts"
+  # minbase has no nsswitch.conf: without it, "localhost" goes to DNS first and fails
+  printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\n' \
+    > "$ROOT/etc/nsswitch.conf"
+  # networking: DHCP on any wired NIC, never waited for at boot
+  mkdir -p "$ROOT/etc/systemd/network"
+  printf '[Match]\nName=en*\n[Network]\nDHCP=ipv4\n' > "$ROOT/etc/systemd/network/20-wired.network"
+  in_root systemctl enable systemd-networkd.service >>"$BUILD_LOG" 2>&1
+  in_root systemctl mask systemd-networkd-wait-online.service e2scrub_reap.service >>"$BUILD_LOG" 2>&1
+  # the guest agent and its port
+  in_root groupadd -f -r xenubuntu
+  install -m 755 "$DEMO/guest/xenubuntu-agent" "$ROOT/usr/local/bin/xenubuntu-agent"
+  install -m 644 "$DEMO/guest/60-xenubuntu-guest.rules" "$ROOT/etc/udev/rules.d/60-xenubuntu-guest.rules"
+  mkdir -p "$ROOT/etc/xenubuntu"
+  {
+    echo "FLAVOUR=$NAME"
+    echo "WAIT_PROCESSES=\"${AGENT_WAIT_PROCESSES:-}\""
+    echo "WAIT_PORTS=\"${AGENT_WAIT_PORTS:-}\""
+    echo "WAIT_WM=${AGENT_WAIT_WM:-no}"
+  } > "$ROOT/etc/xenubuntu/flavour"
+  # a root shell on the serial console helps when a flavour misbehaves
+  in_root passwd -d root >>"$BUILD_LOG" 2>&1
+  # one machine-id for every copy (a restored guest is everybody's guest)
+  : > "$ROOT/etc/machine-id"
+}
+
+# A desktop: the user "user" logged in automatically by LightDM into SESSION,
+# the agent started from the session's xdg autostart.
+desktop_configure() {  # $1 = X session name (/usr/share/xsessions/NAME.desktop)
+  in_root useradd -m -s /bin/bash -G audio,video,xenubuntu user
+  echo 'user:user' | in_root chpasswd
+  in_root groupadd -f -r autologin
+  in_root gpasswd -a user autologin >>"$BUILD_LOG"
+  mkdir -p "$ROOT/etc/lightdm/lightdm.conf.d"
+  printf '[Seat:*]\nautologin-user=user\nautologin-user-timeout=0\nautologin-session=%s\nuser-session=%s\n' \
+    "$1" "$1" > "$ROOT/etc/lightdm/lightdm.conf.d/50-xenubuntu.conf"
+  mkdir -p "$ROOT/etc/xdg/autostart"
+  install -m 644 "$DEMO/guest/xenubuntu-agent.desktop" "$ROOT/etc/xdg/autostart/xenubuntu-agent.desktop"
+  in_root systemctl set-default graphical.target >>"$BUILD_LOG" 2>&1
+}
+
+# Kernel modules for hardware no virtual machine has (a third of the
+# installed kernel): sound, radio, cameras, most GPUs, exotic buses.
+prune_modules() {
+  local kver=$1 d=$ROOT/lib/modules/$1/kernel
+  rm -rf "$d/sound" "$d/drivers/media" "$d/drivers/net/wireless" "$d/drivers/bluetooth" \
+    "$d/drivers/infiniband" "$d/drivers/isdn" "$d/drivers/staging" "$d/drivers/iio" \
+    "$d/drivers/gpu/drm/amd" "$d/drivers/gpu/drm/radeon" "$d/drivers/gpu/drm/nouveau" \
+    "$d/drivers/gpu/drm/i915" "$d/net/wireless" "$d/net/mac80211" "$d/net/bluetooth"
+  # of the wired network cards, those QEMU offers (virtio-net lives elsewhere)
+  find "$d/drivers/net/ethernet" -mindepth 1 -maxdepth 1 ! -name intel ! -name realtek -exec rm -rf {} +
+  in_root depmod "$kver"
+}
+
+finish_root() {
+  rm -f "$ROOT/usr/sbin/policy-rc.d"
+  rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT"/tmp/* "$ROOT"/var/log/*.log
+  mkdir -p "$ROOT/var/lib/apt/lists/partial"
+}
+
+kernel_version() { ls "$ROOT"/boot/vmlinuz-* | sed 's/.*vmlinuz-//' | sort -V | tail -n 1; }
+
+# The installed system as a disk: raw ext4 filled by mkfs.ext4 -d (no loop
+# mount), converted to qcow2. Room to spare: used + 25% + 256 MiB.
+make_disk() {  # $1 = output qcow2
+  local used size raw=$OUTDIR/.root.img
+  used=$(du -sx --block-size=1M "$ROOT" | cut -f1)
+  size=$((used * 5 / 4 + 256))
+  truncate -s "${size}M" "$raw"
+  mkfs.ext4 -q -F -L root -E lazy_itable_init=0,lazy_journal_init=0 -d "$ROOT" "$raw" >>"$BUILD_LOG" 2>&1
+  qemu-img convert -O qcow2 "$raw" "$1"
+  rm -f "$raw"
+}
+
+# The live system as a hybrid ISO (BIOS and EFI, CD or USB): the root as
+# live/filesystem.squashfs, kernel and initrd next to it, GRUB booting them.
+make_iso() {  # $1 = output ISO, $2 = kernel options
+  local tree=$WORKDIR/iso
+  mkdir -p "$tree/live" "$tree/boot/grub"
+  mksquashfs "$ROOT" "$tree/live/filesystem.squashfs" -noappend -comp zstd -Xcompression-level 15 -b 128K \
+    -wildcards -e 'boot/initrd.img*' 'boot/vmlinuz*' 'var/cache/apt/archives/*' >>"$BUILD_LOG" 2>&1
+  cp "$OUTDIR/vmlinuz" "$tree/live/vmlinuz"
+  cp "$OUTDIR/initrd.img" "$tree/live/initrd.img"
+  cat > "$tree/boot/grub/grub.cfg" <<EOG
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set timeout=3
+set default=0
+menuentry "$TITLE (live)" {
+  linux /live/vmlinuz $2
+  initrd /live/initrd.img
+}
+EOG
+  grub-mkrescue -o "$1" "$tree" -- -volid "$(echo "$NAME" | tr a-z A-Z)" >>"$BUILD_LOG" 2>&1
+}
