@@ -158,7 +158,8 @@ def shows(view, font: dict[bytes, str], name: str) -> list[str] | None:
     return None
 
 
-def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other):
+def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other, medium):
+    describe_medium(medium)
     xsessiond("xenubuntu.restore=off xenubuntu.flavour=ubuntu")
     other.activate("server")
     other.wait_state("server", {"running"})
@@ -198,6 +199,13 @@ def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other):
     server = chooser.cards["server"]
     pump(lambda: card_state(window, "server") == "Paused", 10, "the server's card to say Paused")
     assert {m for m, b in server.action_buttons.items() if b.get_visible()} == {"Resume", "Stop", "Reset"}
+
+    # what each looks like: the running and the paused one their screens, the others their titles
+    for name in ("xubuntu", "server"):
+        pump(lambda: live_picture(chooser.cards[name]), 30, f"a live picture on {name}'s card")
+    for name in ("kubuntu", "ubuntu"):
+        assert chooser.cards[name].picture_kind == "" and chooser.cards[name].placeholder.get_mapped()
+        assert chooser.cards[name].description_label.get_text() == DESCRIPTIONS[name]
 
     settle(0.3)
     shot = screenshot(SHOTS / "chooser.png", window)
@@ -249,6 +257,9 @@ def test_cards_show_live_screens_only_while_the_chooser_is_shown_and_stills_once
         assert ubuntu.picture_kind == "still"
         assert (still.get_width(), still.get_height()) == PICTURE_SIZE    # 640x480 is 4:3, as the card's area
         assert distinct_colours(still) == 4
+        # an answer that is no picture changes nothing
+        assert not ubuntu.show_picture(b"\x89PNG\r\n\x1a\n garbled", "live")
+        assert card_picture(ubuntu) is still and ubuntu.picture_kind == "still"
         for name in ("xubuntu", "server"):
             assert cards[name].picture_kind == "" and card_picture(cards[name]) is None
             assert cards[name].placeholder.get_text() == TITLES[name]
@@ -343,6 +354,16 @@ def test_split_view_shows_two_named_consoles_each_taking_the_keyboard(
          30, "two consoles side by side")
     views = {v.name: v for v in window.consoles}
     assert set(views) == {"kubuntu", "xubuntu"}
+    # both panes scale their guest's whole screen down to half the window (unscaled, two
+    # 720-pixel screens would not fit in it side by side)
+    width = window.get_allocated_width()
+    assert width <= 1280, width
+    for name, view in views.items():
+        assert view.display.get_scaling(), name
+        shown = (view.display.get_allocated_width(), view.display.get_allocated_height())
+        guest = (view.display.get_width(), view.display.get_height())
+        assert guest == (COLS * CELL_W, ROWS * CELL_H), (name, guest)
+        assert shown[0] <= width // 2 < guest[0], (name, shown, guest)
 
     fonts = {}
     for name, view in views.items():
@@ -481,5 +502,21 @@ def test_the_client_alone_follows_signals_without_gtk(xsessiond, other, private_
         client.session_call("kubuntu", "Pause")          # not running: refused, with the reason
         err = pump(lambda: errors and errors[0], 10, "the refusal")
         assert err.short_name == "InvalidState" and err.meaning.startswith("Kubuntu cannot do that now: "), err
+
+        # what a card shows: a demo guest without a description; its screen as a PNG
+        assert (client.sessions["ubuntu"].description, client.sessions["ubuntu"].source) == ("", "initrd")
+        pictures: list[tuple[str, bytes, str]] = []
+        failures: list[tuple[str, str]] = []
+        for name in ("ubuntu", "kubuntu", "nonesuch"):
+            client.get_picture(name, 300, lambda png, kind, n=name: pictures.append((n, png, kind)),
+                               lambda why, n=name: failures.append((n, why)))
+        pump(lambda: len(pictures) + len(failures) == 3, 20, "three answers")
+        got = {n: (png, kind) for n, png, kind in pictures}
+        png, kind = got["ubuntu"]
+        assert kind == "live" and png.startswith(b"\x89PNG\r\n\x1a\n"), (kind, png[:16])
+        assert int.from_bytes(png[16:20], "big") <= 300          # the IHDR's width
+        assert got["kubuntu"] == (b"", "")                        # not running, and no still on the demo medium
+        assert [n for n, _ in failures] == ["nonesuch"], failures
+        assert len(errors) == 1                                   # a picture that fails is no error to show
     finally:
         client.close()

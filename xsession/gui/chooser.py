@@ -121,14 +121,14 @@ class SessionCard(Gtk.Frame):
         box.pack_start(self.picture_stack, False, False, 0)
         box.pack_start(top, False, False, 0)
         # what it is
-        self.description_label = Gtk.Label(xalign=0, wrap=True, max_width_chars=34)
+        self.description_label = Gtk.Label(xalign=0, wrap=True, max_width_chars=30)
         self.description_label.set_no_show_all(True)
         self.description_label.get_style_context().add_class("card-description")
         box.pack_start(self.description_label, False, False, 0)
         self.state_label = Gtk.Label(xalign=0)
         self.state_label.get_style_context().add_class("card-state")
         box.pack_start(self.state_label, False, False, 0)
-        self.reason_label = Gtk.Label(xalign=0, wrap=True, max_width_chars=34)
+        self.reason_label = Gtk.Label(xalign=0, wrap=True, max_width_chars=30)
         self.reason_label.get_style_context().add_class("dim-label")
         box.pack_start(self.reason_label, False, False, 0)
         self.progress = Gtk.ProgressBar(show_text=True)
@@ -144,23 +144,26 @@ class SessionCard(Gtk.Frame):
         facts.pack_end(self.source_label, False, False, 0)
         box.pack_start(facts, False, False, 0)
 
-        buttons = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=4)
+        # two rows, so that four cards fit side by side in a 1200-pixel window
+        main = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=6)
         self.show_button = Gtk.Button(label="Switch to")
         self.show_button.get_style_context().add_class("suggested-action")
         self.show_button.connect("clicked", lambda _b: self.emit("switch"))
-        buttons.pack_start(self.show_button, False, False, 0)
+        main.pack_start(self.show_button, False, False, 0)
+        self.split_check = Gtk.CheckButton(label="Side by side")
+        self.split_check.set_tooltip_text("Show this session next to the others picked (\"Side by side\" above)")
+        self.split_check.connect("toggled", lambda b: self.emit("split-toggled", b.get_active()))
+        main.pack_end(self.split_check, False, False, 0)
+        box.pack_start(main, False, False, 0)
+        actions = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=4)
         self.action_buttons: dict[str, Gtk.Button] = {}
         for method in ("Pause", "Resume", "Stop", "Reset"):
             b = Gtk.Button(label=method)
             b.connect("clicked", lambda _b, m=method: self.emit("action", m))
             b.set_no_show_all(True)
             self.action_buttons[method] = b
-            buttons.pack_start(b, False, False, 0)
-        box.pack_start(buttons, False, False, 0)
-        self.split_check = Gtk.CheckButton(label="Side by side")
-        self.split_check.set_tooltip_text("Show this session next to the others picked (\"Side by side\" above)")
-        self.split_check.connect("toggled", lambda b: self.emit("split-toggled", b.get_active()))
-        box.pack_start(self.split_check, False, False, 0)
+            actions.pack_start(b, False, False, 0)
+        box.pack_start(actions, False, False, 0)
 
     def update(self, s: Session, is_default: bool) -> None:
         """Show ``s`` as it is now."""
