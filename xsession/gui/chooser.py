@@ -5,13 +5,15 @@ running or paused session, asked for again every :data:`REFRESH_S` seconds
 while the chooser is shown; the still saved at mastering for a session that does
 not run, asked for once (when its card appears or the session stops); a neutral
 placeholder with the title when there is neither. Calls are asynchronous, one
-at a time per card; an answer that comes back after the session changed is
+at a time per card, and PNGs are decoded in a worker thread, so the main loop
+never waits; an answer that comes back after the session started or stopped is
 dropped; a failed call keeps the picture the card has.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import gi
@@ -192,22 +194,33 @@ class SessionCard(Gtk.Frame):
 
     def show_picture(self, png: bytes, kind: str) -> bool:
         """Show a ``GetPicture`` answer: the picture fitted to the card, or the placeholder
-        when there is none. A PNG that cannot be read keeps what the card shows (False)."""
+        when there is none. A PNG that cannot be read keeps what the card shows (False).
+
+        This decodes in the calling thread; the chooser decodes in its worker and
+        calls :meth:`show_pixbuf`.
+        """
         if not png:
-            self.picture.clear()
-            self.picture_stack.set_visible_child_name("placeholder")
-            self.picture_kind = ""
+            self.show_pixbuf(None, "")
             return True
         try:
             pixbuf = picture_from_png(png, *PICTURE_SIZE)
         except GLib.Error as e:
             log.warning("%s: a %s picture that cannot be read: %s", self.name, kind, e.message)
             return False
+        self.show_pixbuf(pixbuf, kind)
+        return True
+
+    def show_pixbuf(self, pixbuf: GdkPixbuf.Pixbuf | None, kind: str) -> None:
+        """Show a picture already fitted to the card, or the placeholder (None)."""
+        if pixbuf is None:
+            self.picture.clear()
+            self.picture_stack.set_visible_child_name("placeholder")
+            self.picture_kind = ""
+            return
         self.picture.set_from_pixbuf(pixbuf)
         self.picture_stack.set_visible_child_name("picture")
         self.picture_kind = kind
         self.pictures_shown += 1
-        return True
 
 
 class Chooser(Gtk.Box):
@@ -260,8 +273,12 @@ class Chooser(Gtk.Box):
         self._in_flight: dict[str, int] = {}
         self._still_due: set[str] = set()
         self._refresh_id = 0
+        # PNGs are decoded here, one at a time, off the main loop (GdkPixbuf lets go of
+        # Python's lock while it decodes); the results come back with idle_add
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chooser-pictures")
         self.connect("map", lambda _w: self._start_refresh())
         self.connect("unmap", lambda _w: self._stop_refresh())
+        self.connect("destroy", lambda _w: self._decoder.shutdown(wait=False, cancel_futures=True))
 
         client.connect("session-added", lambda _c, n: self._add(n))
         client.connect("session-removed", lambda _c, n: self._remove(n))
@@ -393,7 +410,27 @@ class Chooser(Gtk.Box):
         card = self.cards.get(name)
         if card is None or self._picture_gen.get(name) != gen:
             return   # the session started or stopped since: a newer call tells
-        card.show_picture(png, kind)
+        if not png:
+            if self._picture_mode.get(name) == "live" and card.picture_kind:
+                return   # no screen this time (a screendump failed): keep the one shown
+            card.show_pixbuf(None, "")
+            return
+
+        def decode() -> None:   # in the worker: a large still takes a while to read
+            try:
+                pixbuf: GdkPixbuf.Pixbuf | None = picture_from_png(png, *PICTURE_SIZE)
+            except GLib.Error as e:
+                log.warning("%s: a %s picture that cannot be read: %s", name, kind, e.message)
+                pixbuf = None
+            GLib.idle_add(self._decoded, name, gen, pixbuf, kind)
+
+        self._decoder.submit(decode)
+
+    def _decoded(self, name: str, gen: int, pixbuf: GdkPixbuf.Pixbuf | None, kind: str) -> bool:
+        card = self.cards.get(name)
+        if pixbuf is not None and card is not None and self._picture_gen.get(name) == gen:
+            card.show_pixbuf(pixbuf, kind)
+        return GLib.SOURCE_REMOVE
 
     def _no_picture(self, name: str, gen: int, why: str) -> None:
         if self._in_flight.get(name) == gen:
