@@ -220,7 +220,7 @@ def test_cards_show_live_screens_only_while_the_chooser_is_shown_and_stills_once
         xsessiond, gui, other, medium, private_bus):
     from xsession.gui.chooser import PICTURE_SIZE, REFRESH_S
 
-    describe_medium(medium, stills={"ubuntu": banded_still(640, 480)})
+    describe_medium(medium, stills={"kubuntu": banded_still(640, 480), "ubuntu": banded_still(640, 480)})
     xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")
     other.activate("kubuntu")
     other.wait_state("kubuntu", {"running"})
@@ -240,7 +240,7 @@ def test_cards_show_live_screens_only_while_the_chooser_is_shown_and_stills_once
             assert card.description_label.get_visible() and card.description_label.get_text() == DESCRIPTIONS[name]
             assert card.source_label.get_text() == "Demo system"
 
-        # the running session: its screen, scaled to the card, the guest's shape, not one colour
+        # the running session: its screen (not its still), scaled to the card, the guest's shape, not one colour
         kubuntu = cards["kubuntu"]
         picture = pump(lambda: live_picture(kubuntu), 30, "a live picture on Kubuntu's card")
         assert picture.get_width() == PICTURE_SIZE[0], picture.get_width()
@@ -289,10 +289,11 @@ def test_cards_show_live_screens_only_while_the_chooser_is_shown_and_stills_once
         window.show()
         pump(lambda: calls.count > before, 2 * REFRESH_S, "the pictures asked for again")
 
-        # the session stops: it has no still, so its card falls back to the placeholder
+        # the session stops: its card falls back to its still
         other.call(other_path("kubuntu"), "org.xenubuntu.Sessions1.Session", "Stop")
-        pump(lambda: kubuntu.picture_kind == "" and card_picture(kubuntu) is None, 10, "Kubuntu's placeholder")
-        assert kubuntu.placeholder.get_text() == "Kubuntu"
+        pump(lambda: kubuntu.picture_kind == "still", 10, "Kubuntu's still")
+        assert (card_picture(kubuntu).get_width(), card_picture(kubuntu).get_height()) == PICTURE_SIZE
+        assert distinct_colours(card_picture(kubuntu)) == 4
         before = calls.count
         settle(REFRESH_S + 1)
         assert calls.since(before) == []    # nothing runs: nothing to refresh
