@@ -243,3 +243,55 @@ def session_font(serial_sock: str | Path, vnc: str, tries: int = 5) -> tuple[dic
             last = e
             settle(0.3)
     raise AssertionError(f"the display at {vnc} does not show the guest's text: {last}")
+
+
+# --- D-Bus calls as the bus carries them ------------------------------------------------------
+
+class MethodCalls:
+    """Every call of one method on a bus, seen by ``dbus-monitor`` (a monitor, which the
+    bus allows root to be): what was called, whichever client called it.
+
+    ``paths`` lists the object paths called, in order. Use it as a context manager;
+    :meth:`wait_for` tells when the monitor sees calls at all.
+    """
+
+    def __init__(self, address: str, member: str):
+        import threading
+        self.member = member
+        self.paths: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(["dbus-monitor", "--address", address, "--profile",
+                                      f"type='method_call',member='{member}'"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, name=f"monitor-{member}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            # type, time, serial, sender, destination, path, interface, member
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) >= 8 and fields[0] == "mc" and fields[7] == self.member:
+                with self._lock:
+                    self.paths.append(fields[5])
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.paths)
+
+    def since(self, start: int) -> list[str]:
+        """The paths called after the first ``start`` calls."""
+        with self._lock:
+            return self.paths[start:]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._reader.join(10)
+
+    def __enter__(self) -> MethodCalls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

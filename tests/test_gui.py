@@ -16,14 +16,67 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from gi.repository import GLib
+
+from xsession.manifest import MANIFEST_RELPATH
+from xsession.screen import Picture, to_png
 
 from .buslib import Client
 from .conftest import ARTIFACTS
-from .guilib import (click, distinct_colours, guest_keyboard_interrupts, pump, read_text, screenshot,
-                     session_font, settle, start_xvfb, xdotool)
+from .guilib import (COLS, ROWS, CELL_H, CELL_W, MethodCalls, click, distinct_colours, guest_keyboard_interrupts,
+                     pump, read_text, screenshot, session_font, settle, start_xvfb, xdotool)
 
 SHOTS = ARTIFACTS / "gui"
 TITLES = {"kubuntu": "Kubuntu", "ubuntu": "Ubuntu", "xubuntu": "Xubuntu", "server": "Ubuntu Server"}
+#: the demo medium's flavours have none: tests that want them edit a private copy
+DESCRIPTIONS = {
+    "kubuntu": "KDE Plasma: a complete desktop that can be made to look like anything.",
+    "ubuntu": "GNOME the Ubuntu way: the desktop most people start with.",
+    "xubuntu": "Xfce: light, quick and familiar, for older machines too.",
+    "server": "No desktop: a console for services, containers and the network.",
+}
+#: the demo guests' VGA text screen, as QEMU shows it
+GUEST_RATIO = (COLS * CELL_W) / (ROWS * CELL_H)
+
+
+def describe_medium(medium: Path, stills: dict[str, Picture] | None = None) -> None:
+    """Give the medium's flavours their descriptions, and some of them a still (the
+    screen as saved, which the demo's mastering does not keep for its tiny guests)."""
+    folder = (medium / MANIFEST_RELPATH).parent
+    for name, picture in (stills or {}).items():
+        (folder / "flavours" / name / "still.png").write_bytes(to_png(picture))
+    path = medium / MANIFEST_RELPATH
+    data = yaml.safe_load(path.read_text())
+    for f in data["flavours"]:
+        f["description"] = DESCRIPTIONS[f["name"]]
+        if f["name"] in (stills or {}):
+            f["still"] = f"flavours/{f['name']}/still.png"
+    tmp = path.with_name("manifest.new")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)   # a new file: the copy's hard links to the cached medium stay untouched
+
+
+def banded_still(width: int = 640, height: int = 480) -> Picture:
+    """A 4:3 picture of four coloured bands, easy to recognise in a card."""
+    bands = [(0xe9, 0x54, 0x20), (0x77, 0x21, 0x6f), (0x2c, 0x00, 0x1e), (0xae, 0xa7, 0x9f)]
+    rows = [bytes(bands[min(3, y * 4 // height)]) * width for y in range(height)]
+    return Picture(width, height, b"".join(rows))
+
+
+def card_picture(card):
+    """The picture a card shows (its image's pixbuf), or None while it shows the placeholder."""
+    if card.picture_stack.get_visible_child_name() != "picture":
+        return None
+    return card.picture.get_pixbuf()
+
+
+def live_picture(card):
+    """The card's live picture once it is one with something on it (not a blank, one-colour screen)."""
+    pixbuf = card_picture(card)
+    if card.picture_kind == "live" and pixbuf is not None and distinct_colours(pixbuf, step=1) > 1:
+        return pixbuf
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +158,8 @@ def shows(view, font: dict[bytes, str], name: str) -> list[str] | None:
     return None
 
 
-def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other):
+def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other, medium):
+    describe_medium(medium)
     xsessiond("xenubuntu.restore=off xenubuntu.flavour=ubuntu")
     other.activate("server")
     other.wait_state("server", {"running"})
@@ -146,6 +200,13 @@ def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other):
     pump(lambda: card_state(window, "server") == "Paused", 10, "the server's card to say Paused")
     assert {m for m, b in server.action_buttons.items() if b.get_visible()} == {"Resume", "Stop", "Reset"}
 
+    # what each looks like: the running and the paused one their screens, the others their titles
+    for name in ("xubuntu", "server"):
+        pump(lambda: live_picture(chooser.cards[name]), 30, f"a live picture on {name}'s card")
+    for name in ("kubuntu", "ubuntu"):
+        assert chooser.cards[name].picture_kind == "" and chooser.cards[name].placeholder.get_mapped()
+        assert chooser.cards[name].description_label.get_text() == DESCRIPTIONS[name]
+
     settle(0.3)
     shot = screenshot(SHOTS / "chooser.png", window)
     assert distinct_colours(shot) > 20
@@ -153,6 +214,89 @@ def test_chooser_shows_every_flavour_and_its_state(xsessiond, gui, other):
 
 def other_path(name: str) -> str:
     return f"/org/xenubuntu/Sessions1/session/{name}"
+
+
+def test_cards_show_live_screens_only_while_the_chooser_is_shown_and_stills_once(
+        xsessiond, gui, other, medium, private_bus):
+    from xsession.gui.chooser import PICTURE_SIZE, REFRESH_S
+
+    describe_medium(medium, stills={"kubuntu": banded_still(640, 480), "ubuntu": banded_still(640, 480)})
+    xsessiond("xenubuntu.restore=off xenubuntu.flavour=kubuntu")
+    other.activate("kubuntu")
+    other.wait_state("kubuntu", {"running"})
+    with MethodCalls(private_bus, "GetPicture") as calls:
+        def monitor_sees_a_call() -> int:
+            other.call(other_path("server"), "org.xenubuntu.Sessions1.Session", "GetPicture", GLib.Variant("(u)", (0,)))
+            settle(0.2)
+            return calls.count
+
+        pump(monitor_sees_a_call, 10, "the monitor to see a call of the test's own")
+        start = calls.count
+        window = gui()
+        cards = window.chooser.cards
+
+        # what each flavour is, under its title
+        for name, card in cards.items():
+            assert card.description_label.get_visible() and card.description_label.get_text() == DESCRIPTIONS[name]
+            assert card.source_label.get_text() == "Demo system"
+
+        # the running session: its screen (not its still), scaled to the card, the guest's shape, not one colour
+        kubuntu = cards["kubuntu"]
+        picture = pump(lambda: live_picture(kubuntu), 30, "a live picture on Kubuntu's card")
+        assert picture.get_width() == PICTURE_SIZE[0], picture.get_width()
+        assert abs(picture.get_width() / picture.get_height() - GUEST_RATIO) < 0.02, \
+            (picture.get_width(), picture.get_height())
+        # ... and it follows the guest's screen (a heartbeat counter redrawn every second)
+        shown, pixels = kubuntu.pictures_shown, bytes(picture.get_pixels())
+        pump(lambda: kubuntu.pictures_shown > shown and live_picture(kubuntu) is not None
+             and bytes(kubuntu.picture.get_pixbuf().get_pixels()) != pixels, 30, "a refresh that shows a change")
+
+        # the sessions that do not run: their still (ubuntu's, fitted to 240x180) or the placeholder
+        ubuntu = cards["ubuntu"]
+        still = pump(lambda: card_picture(ubuntu), 10, "the still on Ubuntu's card")
+        assert ubuntu.picture_kind == "still"
+        assert (still.get_width(), still.get_height()) == PICTURE_SIZE    # 640x480 is 4:3, as the card's area
+        assert distinct_colours(still) == 4
+        # an answer that is no picture changes nothing
+        assert not ubuntu.show_picture(b"\x89PNG\r\n\x1a\n garbled", "live")
+        assert card_picture(ubuntu) is still and ubuntu.picture_kind == "still"
+        for name in ("xubuntu", "server"):
+            assert cards[name].picture_kind == "" and card_picture(cards[name]) is None
+            assert cards[name].placeholder.get_text() == TITLES[name]
+            assert cards[name].placeholder.get_mapped()
+        settle(REFRESH_S + 1)
+        asked = calls.since(start)
+        # only the running session is asked again; each of the others once
+        for name in ("ubuntu", "xubuntu", "server"):
+            assert asked.count(other_path(name)) == 1, (name, asked)
+        assert asked.count(other_path("kubuntu")) >= 3, asked
+
+        # a console in front of the chooser: no more calls, until the chooser is back
+        window.show_console("kubuntu")
+        settle(1)   # a call already on its way is answered
+        before = calls.count
+        settle(2 * REFRESH_S + 1)
+        assert calls.since(before) == []
+        window.show_chooser()
+        pump(lambda: calls.count > before, 2 * REFRESH_S, "the pictures asked for again")
+
+        # a hidden window: no calls either
+        window.hide()
+        settle(1)
+        before = calls.count
+        settle(2 * REFRESH_S + 1)
+        assert calls.since(before) == []
+        window.show()
+        pump(lambda: calls.count > before, 2 * REFRESH_S, "the pictures asked for again")
+
+        # the session stops: its card falls back to its still
+        other.call(other_path("kubuntu"), "org.xenubuntu.Sessions1.Session", "Stop")
+        pump(lambda: kubuntu.picture_kind == "still", 10, "Kubuntu's still")
+        assert (card_picture(kubuntu).get_width(), card_picture(kubuntu).get_height()) == PICTURE_SIZE
+        assert distinct_colours(card_picture(kubuntu)) == 4
+        before = calls.count
+        settle(REFRESH_S + 1)
+        assert calls.since(before) == []    # nothing runs: nothing to refresh
 
 
 def test_a_click_on_switch_shows_that_flavours_console_and_the_host_key_returns(
@@ -211,6 +355,16 @@ def test_split_view_shows_two_named_consoles_each_taking_the_keyboard(
          30, "two consoles side by side")
     views = {v.name: v for v in window.consoles}
     assert set(views) == {"kubuntu", "xubuntu"}
+    # both panes scale their guest's whole screen down to half the window (unscaled, two
+    # 720-pixel screens would not fit in it side by side)
+    width = window.get_allocated_width()
+    assert width <= 1280, width
+    for name, view in views.items():
+        assert view.display.get_scaling(), name
+        shown = (view.display.get_allocated_width(), view.display.get_allocated_height())
+        guest = (view.display.get_width(), view.display.get_height())
+        assert guest == (COLS * CELL_W, ROWS * CELL_H), (name, guest)
+        assert shown[0] <= width // 2 < guest[0], (name, shown, guest)
 
     fonts = {}
     for name, view in views.items():
@@ -349,5 +503,21 @@ def test_the_client_alone_follows_signals_without_gtk(xsessiond, other, private_
         client.session_call("kubuntu", "Pause")          # not running: refused, with the reason
         err = pump(lambda: errors and errors[0], 10, "the refusal")
         assert err.short_name == "InvalidState" and err.meaning.startswith("Kubuntu cannot do that now: "), err
+
+        # what a card shows: a demo guest without a description; its screen as a PNG
+        assert (client.sessions["ubuntu"].description, client.sessions["ubuntu"].source) == ("", "initrd")
+        pictures: list[tuple[str, bytes, str]] = []
+        failures: list[tuple[str, str]] = []
+        for name in ("ubuntu", "kubuntu", "nonesuch"):
+            client.get_picture(name, 300, lambda png, kind, n=name: pictures.append((n, png, kind)),
+                               lambda why, n=name: failures.append((n, why)))
+        pump(lambda: len(pictures) + len(failures) == 3, 20, "three answers")
+        got = {n: (png, kind) for n, png, kind in pictures}
+        png, kind = got["ubuntu"]
+        assert kind == "live" and png.startswith(b"\x89PNG\r\n\x1a\n"), (kind, png[:16])
+        assert int.from_bytes(png[16:20], "big") <= 300          # the IHDR's width
+        assert got["kubuntu"] == (b"", "")                        # not running, and no still on the demo medium
+        assert [n for n, _ in failures] == ["nonesuch"], failures
+        assert len(errors) == 1                                   # a picture that fails is no error to show
     finally:
         client.close()

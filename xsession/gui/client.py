@@ -21,6 +21,10 @@ GObject signals of :class:`SessionsClient`::
     session-changed(name, changed)   changed: list of property names
     manager-changed(changed)         changed: list of property names
     call-failed(CallError)           a method call was refused or failed
+
+Pictures (:meth:`SessionsClient.get_picture`) are the one thing asked for again
+and again, by the chooser while it is shown; a failed picture is not an error
+worth telling a person about, so it does not emit ``call-failed``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from gi.repository import Gio, GLib, GObject
 
 __all__ = [
     "BUS_NAME", "MANAGER_PATH", "MANAGER_IFACE", "SESSION_IFACE", "ERROR_PREFIX",
-    "ACTIONS", "ACTIVE_STATES", "Session", "Manager", "CallError", "SessionsClient",
+    "ACTIONS", "ACTIVE_STATES", "PICTURE_KINDS", "Session", "Manager", "CallError", "SessionsClient",
     "actions_for", "describe_error",
 ]
 
@@ -61,6 +65,11 @@ ACTIONS: dict[str, frozenset[str]] = {
 }
 #: states in which a session has a display to show
 ACTIVE_STATES = frozenset({"running", "paused"})
+#: what ``GetPicture`` may say it returned: the screen now, the screen saved at
+#: mastering, or nothing (docs/dbus.md)
+PICTURE_KINDS = frozenset({"live", "still", ""})
+#: a picture takes the daemon a screendump; it answers from a cache within a second
+PICTURE_TIMEOUT_MS = 20 * 1000
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ class Session:
     memory_mib: int = 0
     console: dict[str, Any] = field(default_factory=dict)
     last_change: float = 0.0
+    description: str = ""   # one sentence for the chooser's card
+    source: str = ""        # initrd (a demo guest), disk (an installed system), iso (a live ISO)
 
     @property
     def vnc(self) -> str:
@@ -89,7 +100,7 @@ class Session:
 _SESSION_FIELDS = {
     "Name": "name", "Title": "title", "State": "state", "StateReason": "reason", "Progress": "progress",
     "BytesDone": "bytes_done", "BytesTotal": "bytes_total", "Priority": "priority", "MemoryMiB": "memory_mib",
-    "Console": "console", "LastChange": "last_change",
+    "Console": "console", "LastChange": "last_change", "Description": "description", "Source": "source",
 }
 
 
@@ -372,6 +383,43 @@ class SessionsClient(GObject.Object):
         path = self.sessions[flavour].path if flavour in self.sessions else f"{MANAGER_PATH}/session/{flavour}"
         self._call(path, SESSION_IFACE, method, None, "()", (lambda reply: done()) if done else None,
                    method, flavour)
+
+    def get_picture(self, flavour: str, max_width: int, done: Callable[[bytes, str], None],
+                    failed: Callable[[str], None] | None = None) -> None:
+        """What ``flavour`` looks like, asynchronously: ``done(png, kind)`` with kind ``live``
+        (its screen now, at most ``max_width`` wide), ``still`` (the screen saved at
+        mastering, full size) or ``""`` (no picture, no bytes).
+
+        A refused or failed call, or an answer of an unknown kind, calls
+        ``failed(reason)`` instead (no ``call-failed``: the chooser just keeps the
+        picture it has) and nothing once the daemon has left the bus.
+        """
+        if self.con is None:
+            return
+        path = self.sessions[flavour].path if flavour in self.sessions else f"{MANAGER_PATH}/session/{flavour}"
+
+        def finish(con: Gio.DBusConnection, result: Gio.AsyncResult) -> None:
+            try:
+                reply = con.call_finish(result)
+            except GLib.Error as e:
+                name, message = _remote_error(e)
+                log.debug("GetPicture %s failed: %s (%s)", flavour, message, name)
+                if failed is not None:
+                    failed(f"{message} ({name})")
+                return
+            # the bytes as one buffer: unpack() would make a list of ints of them
+            png = reply.get_child_value(0).get_data_as_bytes().get_data() or b""
+            kind = reply.get_child_value(1).get_string()
+            if kind not in PICTURE_KINDS or (kind == "") != (not png):
+                log.debug("GetPicture %s: an answer of kind %r with %d bytes", flavour, kind, len(png))
+                if failed is not None:
+                    failed(f"an answer of kind {kind!r} with {len(png)} bytes")
+                return
+            done(png, kind)
+
+        width = GLib.Variant("(u)", (min(max(0, max_width), 0xFFFFFFFF),))
+        self.con.call(BUS_NAME, path, SESSION_IFACE, "GetPicture", width, GLib.VariantType("(ays)"),
+                      Gio.DBusCallFlags.NONE, PICTURE_TIMEOUT_MS, None, finish)
 
     def _call(self, path: str, iface: str, method: str, args: GLib.Variant | None, reply_type: str,
               done: Callable[[Any], None] | None, what: str, flavour: str) -> None:

@@ -40,6 +40,9 @@ ERROR_SHOWN_S = 15
 CSS = b"""
 .session-card { border-radius: 6px; padding: 2px; }
 .card-title { margin-bottom: 2px; }
+.card-picture { background: #2e3436; border-radius: 4px; }
+.card-placeholder { color: #d3d7cf; font-size: larger; font-weight: bold; padding: 12px; }
+.card-description { margin-bottom: 2px; }
 .default-badge { background: #3465a4; color: white; border-radius: 4px; padding: 1px 6px; font-size: smaller; }
 .console-bar { padding: 2px; }
 .console { border: 2px solid transparent; }
