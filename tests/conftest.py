@@ -159,3 +159,25 @@ def xsessiond(private_bus: str, runtime_dir: Path, medium: Path):
     yield start
     for d in daemons:
         d.terminate()
+
+
+# --- the front-end: one Xvfb for the whole run ----------------------------------------
+
+@pytest.fixture(scope="session")
+def xdisplay(tmp_path_factory) -> str:
+    """Xvfb for the whole run (GTK cannot let go of a display and take another), GTK on it."""
+    log = tmp_path_factory.mktemp("xvfb") / "xvfb.log"
+    from .guilib import start_xvfb
+
+    proc, display = start_xvfb(log)
+    os.environ["DISPLAY"] = display
+    os.environ["NO_AT_BRIDGE"] = "1"    # no accessibility bus here: do not look for one
+    import gi
+    gi.require_version("Gtk", "3.0")
+    gi.require_version("Gdk", "3.0")
+    from gi.repository import Gdk, Gtk
+    ok, _ = Gtk.init_check([])
+    assert ok and Gdk.Display.get_default() is not None, f"GTK cannot open {display}"
+    yield display
+    proc.terminate()
+    proc.wait(10)

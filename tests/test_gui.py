@@ -25,7 +25,7 @@ from xsession.screen import Picture, to_png
 from .buslib import Client
 from .conftest import ARTIFACTS
 from .guilib import (COLS, ROWS, CELL_H, CELL_W, MethodCalls, click, distinct_colours, guest_keyboard_interrupts,
-                     pump, read_text, screenshot, session_font, settle, start_xvfb, xdotool)
+                     pump, read_text, screenshot, session_font, settle, xdotool)
 
 SHOTS = ARTIFACTS / "gui"
 TITLES = {"kubuntu": "Kubuntu", "ubuntu": "Ubuntu", "xubuntu": "Xubuntu", "server": "Ubuntu Server"}
@@ -77,24 +77,6 @@ def live_picture(card):
     if card.picture_kind == "live" and pixbuf is not None and distinct_colours(pixbuf, step=1) > 1:
         return pixbuf
     return None
-
-
-@pytest.fixture(scope="session")
-def xdisplay(tmp_path_factory) -> str:
-    """Xvfb for the whole run (GTK cannot let go of a display and take another), GTK on it."""
-    log = tmp_path_factory.mktemp("xvfb") / "xvfb.log"
-    proc, display = start_xvfb(log)
-    os.environ["DISPLAY"] = display
-    os.environ["NO_AT_BRIDGE"] = "1"    # no accessibility bus here: do not look for one
-    import gi
-    gi.require_version("Gtk", "3.0")
-    gi.require_version("Gdk", "3.0")
-    from gi.repository import Gdk, Gtk
-    ok, _ = Gtk.init_check([])
-    assert ok and Gdk.Display.get_default() is not None, f"GTK cannot open {display}"
-    yield display
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture
