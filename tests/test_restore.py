@@ -396,3 +396,92 @@ def test_a_disk_whose_backing_file_leads_out_of_the_medium_is_never_opened(backi
     view = engine.wait_state("server", SETTLED, 120)
     assert view.state is State.FAILED, view.reason
     assert "leads out of the medium" in view.reason and "passwd" not in view.reason, view.reason
+
+
+# --- preloading: statefiles copied into RAM while idle ------------------------------------
+
+def _one_session_at_a_time(flavour, running):
+    """A machine with room for one session (preloads are small: they fit beside it)."""
+    from xsession.errors import NotEnoughMemory
+    sessions = [n for n in running if not n.endswith("(preloaded)")]
+    if sessions and flavour.name not in sessions:
+        raise NotEnoughMemory(flavour.name, flavour.memory_mib, 0, sessions)
+
+
+def _wait_preloaded(engine, names, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not all(engine.session(n).preloaded for n in names):
+        assert time.monotonic() < deadline, {n: engine.preload_status(n) for n in names}
+        time.sleep(0.05)
+
+
+def test_waiting_flavours_are_preloaded_in_priority_order_and_start_from_ram(manifest, make_engine):
+    engine = make_engine(manifest, "xenubuntu.restore=lazy xenubuntu.flavour=kubuntu",
+                         fit_check=_one_session_at_a_time, preload=True)
+    order: list[str] = []
+    engine.subscribe(lambda ev, v: order.append(v.name) if ev == "preloaded" and v.preloaded else None)
+    engine.start()
+    assert engine.wait_state("kubuntu", SETTLED, 60).state is State.RUNNING
+    _wait_preloaded(engine, ["ubuntu", "xubuntu", "server"])
+    assert order == ["ubuntu", "xubuntu", "server"]
+    assert not engine.session("kubuntu").preloaded
+    held = engine.running_memory()
+    assert {"ubuntu (preloaded)", "xubuntu (preloaded)", "server (preloaded)"} <= set(held)
+    assert held["ubuntu (preloaded)"] == -(-manifest.flavour("ubuntu").statefile.size // (1 << 20))
+
+    reasons: list[tuple[str, str]] = []
+    engine.subscribe(lambda ev, v: reasons.append((v.name, v.reason)) if ev == "state-changed" else None)
+    engine.stop("kubuntu")  # room for one: lazy restores the next waiting flavour, from RAM
+    view = engine.wait_state("ubuntu", SETTLED, 60)
+    assert view.state is State.RUNNING and view.origin == "restored", view.reason
+    assert ("ubuntu", "reading the statefile from RAM (preloaded)") in reasons
+    assert not engine.session("ubuntu").preloaded and "ubuntu (preloaded)" not in engine.running_memory()
+    assert engine.session("xubuntu").preloaded
+    assert "PONG" in ask(view.console["serial"], "PING from-ram")
+
+
+def test_a_preload_yields_the_medium_to_a_restore_and_goes_on(manifest, make_engine, tmp_path):
+    """A person's request while a preload reads: the restore gets the medium, the preload
+    waits between chunks, then finishes."""
+    engine = make_engine(manifest, "xenubuntu.restore=off", preload=True)
+    # preload one flavour, slowly enough to be caught in the middle: a request comes meanwhile
+    import xsession.preload as preload_module
+    real_chunk = preload_module.CHUNK
+    preload_module.CHUNK = 64 << 10
+    try:
+        with engine._lock:  # what the idle dispatcher does, by hand: restore=off preloads nothing by itself
+            engine._next_preload()
+        deadline = time.monotonic() + 30
+        while engine.preload_status("kubuntu")[0] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        engine.activate("server")
+        assert engine.wait_state("server", SETTLED, 60).state is State.RUNNING
+        _wait_preloaded(engine, ["kubuntu"])
+        copied, size, pauses = engine.preload_status("kubuntu")
+        assert copied == size and pauses >= 1, (copied, size, pauses)
+    finally:
+        preload_module.CHUNK = real_chunk
+
+
+@pytest.mark.parametrize("where", ["ram", "medium"])
+def test_a_preloaded_statefile_damaged_in_ram_or_on_the_medium_is_caught(where, medium, make_engine):
+    if where == "medium":
+        damage(_statefile(medium, "ubuntu"))
+    engine = make_engine(load_manifest(medium / MANIFEST_RELPATH), "xenubuntu.restore=lazy xenubuntu.flavour=kubuntu",
+                         fit_check=_one_session_at_a_time, preload=True)
+    engine.start()
+    engine.wait_state("kubuntu", SETTLED, 60)
+    _wait_preloaded(engine, ["ubuntu"])
+    if where == "ram":
+        with engine._lock:
+            fd = os.open(engine._preloads["ubuntu"].source(), os.O_RDWR)
+        try:
+            byte = os.pread(fd, 1, 5000)
+            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), 5000)
+        finally:
+            os.close(fd)
+    engine.stop("kubuntu")  # lazy then restores ubuntu, the next in order, from its preload
+    view = engine.wait_state("ubuntu", SETTLED, 120)
+    assert view.state is State.RUNNING and view.origin == "cold-booted", view.reason
+    assert "sha256 mismatch" in view.reason or "zstd" in view.reason, view.reason

@@ -190,6 +190,7 @@ def _session_properties(v: SessionView) -> dict[str, Any]:
         "Description": v.description,
         "Source": v.source,
         "Heartbeat": {"seq": v.heartbeat_seq, "at": float(v.heartbeat_at)},
+        "Preloaded": bool(v.preloaded),
     }
 
 

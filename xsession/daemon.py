@@ -137,8 +137,11 @@ class Daemon:
         self._detect_hardware(root)
         speed = self.profile.medium.speed if self.profile is not None and self.profile.medium else "unknown"
         cpus = self.profile.cpus if self.profile is not None else (os.cpu_count() or 1)
+        # from a slow or seek-bound medium, waiting flavours are preloaded into RAM while idle
+        # (QEMU only for now: on Xen the copy would take dom0's memory, which the plan does not give it)
         engine = Engine(manifest, self.backend, self.config.runtime_dir, self.options,
-                        max_parallel=scheduler.parallel_restores(speed, cpus))
+                        max_parallel=scheduler.parallel_restores(speed, cpus),
+                        preload=speed == "slow" and self.backend.name == "qemu")
         # the engine reconciled the options with the medium: plan with its flavours and options
         engine.fit_check = memory.fit_check(self.backend.host_memory, engine.flavours, engine.options,
                                             overhead=self.backend.overhead_mib, backend=self.backend.name,

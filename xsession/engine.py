@@ -36,6 +36,7 @@ from .bootopts import BootOptions, RestorePolicy, check_flavours
 from .errors import InvalidState, MediumUnavailable, NoSuchFlavour, NotEnoughMemory, XSessionError
 from .hypervisor.base import Backend, Guest
 from .manifest import Flavour, Manifest
+from .preload import Preload
 from . import scheduler
 
 __all__ = ["State", "TRANSITIONS", "SessionView", "Engine", "EventCallback", "FitCheck"]
@@ -43,6 +44,8 @@ __all__ = ["State", "TRANSITIONS", "SessionView", "Engine", "EventCallback", "Fi
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.1
+#: a preload leaves at least this much memory free (MiB): sessions come first
+PRELOAD_HEADROOM_MIB = 1024
 PROGRESS_STEP = 0.02
 #: written in a session's run folder once its guest runs: a restarted manager
 #: adopts only guests that reached running (a restore cut short is redone)
@@ -101,6 +104,8 @@ class SessionView:
     source: str = ""
     heartbeat_seq: int = 0
     heartbeat_at: float = 0.0
+    #: its compressed statefile is in RAM: starting it reads no medium
+    preloaded: bool = False
 
     @property
     def progress(self) -> float:
@@ -124,6 +129,7 @@ class _Session:
     retry_on_medium: bool = False
     last_emit: float = 0.0
     last_emit_fraction: float = 0.0
+    preloaded: bool = False
 
     def view(self) -> SessionView:
         channel = getattr(self.guest, "channel", None)
@@ -133,7 +139,7 @@ class _Session:
             memory_mib=self.flavour.memory_mib, console=dict(self.guest.console) if self.guest else {},
             last_change=self.last_change, origin=self.origin, description=self.flavour.description,
             source=self.flavour.source, heartbeat_seq=channel.last_seq if channel is not None else 0,
-            heartbeat_at=channel.last_at if channel is not None else 0.0)
+            heartbeat_at=channel.last_at if channel is not None else 0.0, preloaded=self.preloaded)
 
 
 def _mark_ran(rundir: Path) -> None:
@@ -157,7 +163,9 @@ class Engine:
 
     def __init__(self, manifest: Manifest, backend: Backend, runtime_dir: Path,
                  options: BootOptions | None = None, *, max_parallel: int = 1,
-                 fit_check: FitCheck | None = None):
+                 fit_check: FitCheck | None = None, preload: bool = False):
+        """``preload``: while idle, copy the statefiles of flavours that wait into RAM
+        (worth it on a slow or seek-bound medium, see :mod:`xsession.preload`)."""
         self.manifest = manifest
         self.backend = backend
         self.runtime_dir = runtime_dir
@@ -178,6 +186,11 @@ class Engine:
         self._closing = False
         self._medium_ok = True
         self._medium_warnings: list[str] = []
+        self.preload = preload
+        self._preloads: dict[str, Preload] = {}
+        self._medium_readers = 0
+        self._medium_free = threading.Event()  # cleared while a restore reads the medium
+        self._medium_free.set()
 
     # -- observing -------------------------------------------------------------
     def subscribe(self, callback: EventCallback) -> None:
@@ -218,11 +231,14 @@ class Engine:
             raise NoSuchFlavour(name, self.names) from None
 
     def running_memory(self) -> dict[str, int]:
-        """MiB committed per session that holds memory (or is about to)."""
+        """MiB committed per session that holds memory (or is about to), and per
+        statefile held in RAM (``NAME (preloaded)``): a plan never counts a preload as free."""
         with self._lock:
-            return {n: s.flavour.memory_mib + self.backend.overhead_mib(s.flavour)
+            held = {n: s.flavour.memory_mib + self.backend.overhead_mib(s.flavour)
                     for n, s in self._sessions.items()
                     if s.state in (S.RESTORING, S.BOOTING, S.RUNNING, S.PAUSED)}
+            held.update({f"{n} (preloaded)": p.mib for n, p in self._preloads.items()})
+            return held
 
     # -- state machine ------------------------------------------------------------
     def _set(self, s: _Session, state: State, reason: str = "") -> None:
@@ -330,12 +346,20 @@ class Engine:
                 self._start_job(s)
         if not self._active and not self._queue and self.options.restore is not RestorePolicy.OFF:
             self._fill_when_idle()
+            if not self._active:
+                self._next_preload()
 
     def _fits(self, s: _Session, waiting_reason: bool) -> bool:
         """Ask the memory check; a refusal leaves the session waiting (policy) or
         failed (a request), and any other failure of the check fails it (lock held)."""
         try:
-            self.fit_check(s.flavour, self.running_memory())
+            try:
+                self.fit_check(s.flavour, self.running_memory())
+            except NotEnoughMemory:
+                # preloaded statefiles are a cache: they give way to a person's request
+                if waiting_reason or not self._drop_preloads(keep=s.flavour.name):
+                    raise
+                self.fit_check(s.flavour, self.running_memory())
             return True
         except NotEnoughMemory as e:
             if waiting_reason:
@@ -375,11 +399,18 @@ class Engine:
         rundir = self._rundir(s.flavour.name)
         rundir.mkdir(parents=True, exist_ok=True)
         (rundir / RAN_MARKER).unlink(missing_ok=True)
+        preload = self._preloads.get(s.flavour.name)
+        source = preload.source() if preload is not None and preload.complete else None
+        if preload is not None and source is None:
+            preload.cancel()  # half copied: the restore reads the medium itself, from the start
+        if source is None:
+            self._medium_readers += 1  # a cold boot reads the medium too (kernel, disk)
+            self._medium_free.clear()
         if has_state:
-            self._set(s, S.RESTORING, "reading the statefile")
+            self._set(s, S.RESTORING, "reading the statefile" + (" from RAM (preloaded)" if source else ""))
         else:
             self._set(s, S.BOOTING, "no statefile on the medium; cold booting")
-        t = threading.Thread(target=self._job, args=(s,), name=f"restore-{s.flavour.name}", daemon=True)
+        t = threading.Thread(target=self._job, args=(s, source), name=f"restore-{s.flavour.name}", daemon=True)
         self._active[s.flavour.name] = t
         t.start()
 
@@ -396,7 +427,19 @@ class Engine:
                 s.last_emit, s.last_emit_fraction = now, fraction
                 self._emit("progress", s)
 
-    def _job(self, s: _Session) -> None:
+    def _job(self, s: _Session, source: Path | None = None) -> None:
+        try:
+            self._restore_or_boot(s, source)
+        finally:
+            with self._lock:
+                if source is None:
+                    self._medium_readers -= 1
+                    if self._medium_readers == 0:
+                        self._medium_free.set()
+                self._forget_preload(s)
+                self._dispatch()
+
+    def _restore_or_boot(self, s: _Session, source: Path | None) -> None:
         name = s.flavour.name
         rundir = self._rundir(name)
         guest: Guest | None = None
@@ -406,7 +449,7 @@ class Engine:
             if s.flavour.statefile is not None:
                 try:
                     guest = self.backend.restore(s.flavour, self.manifest, rundir,
-                                                 lambda d, t: self._progress(s, d, t))
+                                                 lambda d, t: self._progress(s, d, t), source=source)
                     note = getattr(guest, "note", "")
                     reason = "restored from its statefile" + (f"; {note}" if note else "")
                 except MediumUnavailable:
@@ -444,7 +487,69 @@ class Engine:
                     _mark_ran(rundir)
                     self._set(s, S.RUNNING, reason)
                     guest.on_exit(self._exit_watcher(s, guest))
-            self._dispatch()
+
+    # -- preloading ---------------------------------------------------------------------
+    def _next_preload(self) -> None:
+        """Copy the next waiting flavour's statefile into RAM, one at a time (lock held)."""
+        if not self.preload or self._closing or not self._medium_ok:
+            return
+        if any(not p.complete and p.error is None for p in self._preloads.values()):
+            return  # one sequential read at a time
+        waiting = [s.flavour for s in self._sessions.values()
+                   if s.state in (S.AVAILABLE, S.STOPPED, S.FAILED) and s.flavour.statefile is not None
+                   and s.flavour.name not in self._preloads]
+        for name in scheduler.priority_order(waiting, self.default):
+            s = self._sessions[name]
+            sf = s.flavour.statefile
+            assert sf is not None
+            mib = -(-sf.size // (1 << 20))
+            if self.backend.host_memory().free_mib < mib + PRELOAD_HEADROOM_MIB:
+                return  # memory is for sessions first; a preload never takes the last of it
+            try:
+                path = self.manifest.resolve(sf.path)
+            except XSessionError:
+                continue  # refused when it is restored, with its reason
+            preload = Preload(name, path, sf.size, self._medium_free, self._preload_done)
+            self._preloads[name] = preload
+            log.info("%s: preloading its statefile (%d MiB) into RAM", name, mib, extra={"SESSION": name})
+            preload.start()
+            return
+
+    def _preload_done(self, preload: Preload) -> None:
+        with self._lock:
+            s = self._sessions[preload.name]
+            if self._preloads.get(preload.name) is not preload:
+                return
+            if preload.complete:
+                s.preloaded = True
+                self._emit("preloaded", s)
+            else:
+                self._forget_preload(s)
+            if not self._active:
+                self._next_preload()
+
+    def _forget_preload(self, s: _Session) -> None:
+        """Free a session's preload (lock held)."""
+        preload = self._preloads.pop(s.flavour.name, None)
+        if preload is not None:
+            threading.Thread(target=preload.release, name=f"release-{s.flavour.name}", daemon=True).start()
+            if s.preloaded:
+                s.preloaded = False
+                self._emit("preloaded", s)
+
+    def _drop_preloads(self, keep: str) -> bool:
+        """Free every preload but ``keep``'s, the least wanted first; False if there was none (lock held)."""
+        others = [n for n in self._preloads if n != keep]
+        for name in reversed(scheduler.priority_order([self._sessions[n].flavour for n in others], self.default)):
+            log.info("%s: its preloaded statefile gives way to %s", name, keep, extra={"SESSION": name})
+            self._forget_preload(self._sessions[name])
+        return bool(others)
+
+    def preload_status(self, name: str) -> tuple[int, int, int]:
+        """(bytes copied, size, pauses for a restore) of a session's preload; zeros if none."""
+        with self._lock:
+            p = self._preloads.get(name)
+            return (p.copied, p.size, p.pauses) if p is not None else (0, 0, 0)
 
     def _exit_watcher(self, s: _Session, guest: Guest) -> Callable[[str], None]:
         """The callback that tells this session that this guest ended by itself."""
@@ -629,6 +734,8 @@ class Engine:
             self._closing = True
             self._queue.clear()
             active = list(self._active.values())
+            for s in self._sessions.values():
+                self._forget_preload(s)
         abort = getattr(self.backend, "abort", None)
         if active and abort is not None:
             abort()

@@ -65,8 +65,12 @@ class Guest(Protocol):
 class Backend(Protocol):
     name: str
 
-    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress) -> Guest:
+    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
+                source: Path | None = None) -> Guest:
         """Bring the flavour's statefile back to a running guest.
+
+        ``source``: read the statefile from there (a copy preloaded into RAM) instead of
+        the medium; it is checked exactly as the medium's would be.
 
         :raises StatefileCorrupt: the statefile failed a size, sha256 or decompression check.
         :raises MediumUnavailable: the statefile or disk cannot be read.

@@ -516,7 +516,8 @@ class QemuBackend:
         return guest
 
     # -- restore -----------------------------------------------------------------
-    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress) -> QemuGuest:
+    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
+                source: Path | None = None) -> QemuGuest:
         """Restore the flavour's statefile; the guest runs when this returns.
 
         :raises StatefileCorrupt: size, zstd or sha256 check failed (before or during the feed).
@@ -526,7 +527,7 @@ class QemuBackend:
         sf = flavour.statefile
         if sf is None:
             raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
-        path = manifest.resolve(sf.path)
+        path = source if source is not None else manifest.resolve(sf.path)
         precheck(path, sf, manifest.root)
         if self._accel_for(flavour, manifest) != flavour.machine.accel:
             # a KVM stream does not load under TCG: the guest must cold-boot

@@ -364,7 +364,8 @@ class XenBackend:
             log.warning("could not destroy %s after a failed start: %s", name, e)
 
     # -- restore -------------------------------------------------------------------------
-    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress) -> XenGuest:
+    def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
+                source: Path | None = None) -> XenGuest:
         """Restore the flavour's xl save image: paused, checked, then unpaused.
 
         :raises StatefileCorrupt: size, zstd or sha256 check failed (the paused domain is destroyed).
@@ -374,7 +375,7 @@ class XenBackend:
         sf = flavour.statefile
         if sf is None:
             raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
-        path = manifest.resolve(sf.path)
+        path = source if source is not None else manifest.resolve(sf.path)
         precheck(path, sf, manifest.root)
         config = self._prepare(flavour, manifest, rundir)
         console_start = _size(self._console_path(flavour.name, rundir))
