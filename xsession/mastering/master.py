@@ -125,7 +125,7 @@ def _lay_out(spec: FlavourSpec, medium: MediumSpec, guests: Path, fdir: Path, ac
 
 
 def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, guests: Path, root: Path,
-                accel: str, settle_s: float, report: Report) -> Flavour:
+                accel: str, settle_s: float, report: Report, level: int = 3) -> Flavour:
     fdir = root / "flavours" / spec.name
     fdir.mkdir(parents=True, exist_ok=True)
     # under KVM a conservative named model this host runs, so the statefile restores on any
@@ -150,7 +150,7 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
             if flavour.machine.guest_channel:
                 backend.prepare_for_save(guest)  # caches dropped: a smaller statefile
             t1 = time.monotonic()
-            saved = backend.save(guest, fdir / "state.zst", still=still)
+            saved = backend.save(guest, fdir / "state.zst", level=level, still=still)
         except BaseException:  # Ctrl-C too: the guest runs in its own session and would stay
             guest.stop()
             raise
@@ -190,8 +190,12 @@ def resolve_accel(accel: str, spec: MediumSpec, guests: Path) -> str:
 
 
 def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tcg", jobs: int = 2,
-                  settle_s: float = 1.0, report: Report = print) -> Manifest:
+                  settle_s: float = 1.0, report: Report = print, level: int = 3) -> Manifest:
     """Build a whole medium under ``out``; returns the validated manifest it wrote.
+
+    ``level``: zstd's compression level for the statefiles. 3 masters quickly; 19 makes
+    them about a fifth smaller (what a DVD reads) at a much longer mastering, and
+    decompresses as fast (see bench/RESULTS.md).
 
     :raises HypervisorError: a flavour did not boot or save.
     """
@@ -203,7 +207,7 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     # saved with a known generation ID: any restore that gives another one reseeds the guest
     backend = QemuBackend(vmgenid_guid=MASTERING_VMGENID)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report)
+        futures = [pool.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report, level)
                    for f in spec.flavours]
         flavours = tuple(f.result() for f in futures)
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
