@@ -29,6 +29,7 @@ from pathlib import Path
 from .errors import XSessionError
 from .manifest import MANIFEST_RELPATH, load_manifest
 from .mastering import master as _master
+from . import screen as _screen
 from .mastering import sources as _sources
 from .mastering.master import load_spec, master_medium
 
@@ -97,8 +98,9 @@ def _mastering_key(spec: Path, builds: dict[str, Path]) -> str:
     h = hashlib.sha256(spec.read_bytes())
     for name, folder in sorted(builds.items()):
         h.update(f"{name}={folder.name}\n".encode())
-    for code in (_master, _sources, qemu.qemu_argv, qemu.QemuBackend.boot_for_save, qemu.QemuBackend.save,
-                 qemu.QemuBackend.settle, qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE):
+    for code in (_master, _sources, _screen, qemu.qemu_argv, qemu.QemuBackend.boot_for_save, qemu.QemuBackend.save,
+                 qemu.QemuBackend.settle, qemu.QemuBackend._wait_settled, qemu.QemuBackend._wait_ready,
+                 qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE):
         h.update(code.encode() if isinstance(code, str) else inspect.getsource(code).encode())
     return h.hexdigest()[:12]
 

@@ -17,7 +17,8 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Picture", "read_ppm", "to_png", "read_png", "thumbnail", "digest", "settled", "same_picture"]
+__all__ = ["Picture", "read_ppm", "to_png", "read_png", "thumbnail", "digest", "colours", "settled",
+           "same_picture"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,13 @@ def thumbnail(picture: Picture, max_width: int = 320) -> Picture:
         for c in range(3):
             out[y * width * 3 + c:(y + 1) * width * 3:3] = row[c::3 * step][:width]
     return Picture(width, height, bytes(out))
+
+
+def colours(picture: Picture, step: int = 97) -> int:
+    """How many colours a sample of the picture's pixels has: a painted desktop has
+    dozens, a blank or a text console two or three."""
+    rgb = picture.rgb
+    return len({rgb[i:i + 3] for i in range(0, len(rgb) - 2, 3 * step)})
 
 
 def settled(samples: Sequence[tuple[float, str]], quiet_s: float, min_changes: int = 1,

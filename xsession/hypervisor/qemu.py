@@ -45,7 +45,7 @@ from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
 from .qga import PORT_NAME as AGENT_PORT
 from .qga import AgentError, GuestAgent
-from ..screen import Picture, digest, read_ppm, settled, thumbnail, to_png
+from ..screen import Picture, colours, digest, read_ppm, settled, thumbnail, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import ExitCallback, HostMemory, Progress
 from .console import wait_for_text
@@ -72,9 +72,12 @@ EVENT_GRACE_S = 1.0
 AGENT_TIMEOUT_S = 5.0
 #: a screen that has not changed for this long after it last changed has settled
 SETTLE_QUIET_S = 3.0
+SETTLE_QUIET_PLAIN_S = 20.0
+#: a screen with this many colours in a sample is painted (a desktop), not blank or text
+PAINTED_COLOURS = 16
 SETTLE_SAMPLE_S = 0.5
 #: at mastering, how long a desktop that said it is ready may take to paint itself
-SETTLE_AFTER_READY_S = 60.0
+SETTLE_AFTER_READY_S = 120.0
 #: a front-end's live picture is taken anew at most this often
 PICTURE_INTERVAL_S = 1.0
 
@@ -651,18 +654,23 @@ class QemuBackend:
 
     @staticmethod
     def _wait_settled(guest: QemuGuest, timeout: float, alive: Callable[[], bool]) -> bool:
-        """Until the screen changed and then stayed the same for :data:`SETTLE_QUIET_S`."""
+        """Until the screen changed and then stayed the same: for :data:`SETTLE_QUIET_S` once
+        it is painted (many colours), for :data:`SETTLE_QUIET_PLAIN_S` while it is plain (a
+        black screen before the desktop paints itself, or a text console that stays one)."""
         deadline = time.monotonic() + timeout
         samples: list[tuple[float, str]] = []
+        painted = False
         while time.monotonic() < deadline and alive():
             try:
-                samples.append((time.monotonic(), digest(guest.screendump())))
+                picture = guest.screendump()
+                samples.append((time.monotonic(), digest(picture)))
+                painted = colours(picture) >= PAINTED_COLOURS
             except HypervisorError:
                 if not guest.is_alive():
                     return False
-            if settled(samples, SETTLE_QUIET_S):
+            if settled(samples, SETTLE_QUIET_S if painted else SETTLE_QUIET_PLAIN_S):
                 return True
-            samples = samples[-int(SETTLE_QUIET_S / SETTLE_SAMPLE_S) - 2:] if len(samples) > 200 else samples
+            samples = samples[-int(2 * SETTLE_QUIET_PLAIN_S / SETTLE_SAMPLE_S):] if len(samples) > 400 else samples
             time.sleep(SETTLE_SAMPLE_S)
         return False
 
