@@ -411,11 +411,14 @@ class QemuBackend:
 
     name = "qemu"
 
-    def __init__(self, binary: str = QEMU_BINARY, vmgenid_guid: str = "auto"):
+    def __init__(self, binary: str = QEMU_BINARY, vmgenid_guid: str = "auto", freshen: bool = True):
         """``vmgenid_guid``: the VM generation ID a guest gets; ``auto``, a new one each
-        time, is what makes every restored guest reseed its random generator."""
+        time, is what makes every restored guest reseed its random generator.
+        ``freshen``: set a restored guest's clock and renew its network (off only to
+        measure QEMU alone, or to show what a restore without it leaves)."""
         self.binary = binary
         self.vmgenid_guid = vmgenid_guid
+        self.freshen = freshen
         self._aborting = threading.Event()
         self._host_cpu: HostCpu | None = None
         self._kvm: bool | None = None  # probed once, on first need
@@ -571,7 +574,8 @@ class QemuBackend:
             if not loaded:
                 raise HypervisorError(f"restore {flavour.name}", guest.exit_reason or "QEMU did not load the stream")
             guest.resume()
-            guest.note = self._freshen(guest, flavour)
+            if self.freshen:
+                guest.note = self._freshen(guest, flavour)
             return guest
         except TimeoutError as e:
             feeder.cancel()
