@@ -19,7 +19,6 @@ Also the statefiles' raw and compressed sizes. Prints a Markdown table;
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.benchlib import cold_boot, machine, record  # noqa: E402
 from xsession.demomedia import ensure_desktop_medium  # noqa: E402
 from xsession.guestchannel import ChannelReader  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest, qemu_argv  # noqa: E402
@@ -82,14 +82,6 @@ def manager_restore(flavour, manifest, rundir: Path) -> tuple[float, float]:
         guest.stop()
 
 
-def cold_boot(flavour, manifest, rundir: Path) -> float:
-    t0 = time.monotonic()
-    guest = QemuBackend().cold_boot(flavour, manifest, rundir)
-    t = time.monotonic() - t0
-    guest.stop()
-    return t
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3)
@@ -116,12 +108,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     lines = [
-        f"Machine: {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} "
-        f"CPUs, QEMU TCG, Debian {Path('/etc/debian_version').read_text().strip()}; commit {commit}; "
-        f"{args.reps} repetitions interleaved, medians.",
+        f"{machine()}; {args.reps} repetitions interleaved, medians.",
         f"Command: `.venv/bin/python bench/desktop_bench.py --reps {args.reps}`",
         "",
         "| flavour | memory | statefile raw / zstd | cold boot to ready | raw restore: running / heartbeat "
@@ -140,8 +128,7 @@ def main() -> int:
     table = "\n".join(lines)
     print("\n" + table)
     if args.record:
-        with open(REPO / "bench" / "RESULTS.md", "a") as out:
-            out.write(f"\n## Real flavours: cold boot and restore ({time.strftime('%Y-%m-%d')})\n\n{table}\n")
+        record("Real flavours: cold boot and restore", table)
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.benchlib import cold_boot  # noqa: E402
 from tests.guestlib import ask  # noqa: E402
 from xsession.demo import CACHE, DEMO  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest, qemu_argv  # noqa: E402
@@ -87,14 +88,6 @@ def manager_restore(flavour, manifest, rundir: Path) -> tuple[float, float]:
         return t_run, time.monotonic() - t0
     finally:
         guest.stop()
-
-
-def cold_boot(flavour, manifest, rundir: Path) -> float:
-    t0 = time.monotonic()
-    guest = QemuBackend().cold_boot(flavour, manifest, rundir)
-    t = time.monotonic() - t0
-    guest.stop()
-    return t
 
 
 def main() -> int:
