@@ -21,9 +21,10 @@ from xsession.engine import State
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest
 from xsession.manifest import MANIFEST_RELPATH, Manifest, load_manifest
 from xsession.mastering.master import MASTERING_VMGENID
-from xsession.screen import read_png, same_picture
+from xsession.screen import colours, read_png, same_picture, to_png
 from xsession.statefile import sha256_of
 
+from .conftest import ARTIFACTS
 from .guestlib import damage
 
 FLAVOURS = ("xubuntu", "lubuntu", "server")
@@ -71,9 +72,14 @@ def test_a_restored_flavour_shows_its_saved_screen_and_lives_on(name, dmanifest,
     try:
         screen = guest.screendump()
         still = read_png(dmanifest.resolve(flavour.still).read_bytes())
-        assert len(set(still.rgb[i:i + 3] for i in range(0, len(still.rgb), 3 * 97))) > 2, "a blank still"
+        if flavour.name != "server":  # the server's screen is a text console
+            assert colours(still) > 16, "a blank still"
         # the screen the person meets is the one saved (a clock or a cursor may have moved)
-        assert same_picture(screen, still, tolerance=0.02), f"{name}: the restored screen differs from the still"
+        if not same_picture(screen, still, tolerance=0.02):
+            shots = ARTIFACTS / "desktops"
+            shots.mkdir(parents=True, exist_ok=True)
+            (shots / f"{name}-restored.png").write_bytes(to_png(screen))
+            raise AssertionError(f"{name}: the restored screen differs from the still (kept in {shots})")
         assert guest.note == "", guest.note  # freshened: clock set, network renewed
         assert guest.channel is not None
         first = guest.channel.wait_heartbeat(0, HEARTBEAT_S, guest.is_alive)
@@ -157,8 +163,8 @@ def test_the_live_iso_flavour_restores_with_its_iso_attached(dmanifest, runtime_
         cd = next(b for b in blocks if b.get("device") == "cd0" or "cd0" in b.get("qdev", ""))
         assert cd["inserted"]["ro"] and cd["inserted"]["file"] == str(dmanifest.resolve(flavour.iso))
         # the live system keeps reading its squashfs from the CD after the restore
-        out = _in_guest(guest, "cat /run/live/medium/live/filesystem.squashfs | head -c 4 | od -An -c")
-        assert "h s q s" in out, out
+        out = _in_guest(guest, "head -c 4 /run/live/medium/live/filesystem.squashfs")
+        assert out == "hsqs", out
     finally:
         guest.stop()
 
@@ -169,6 +175,6 @@ def test_a_damaged_statefile_of_a_real_flavour_cold_boots_it(dmedium, make_engin
     engine.activate("server")
     view = engine.wait_state("server", {State.RUNNING, State.FAILED}, 600)
     assert view.state is State.RUNNING and view.origin == "cold-booted", view.reason
-    assert "sha256 mismatch" in view.reason
+    assert "sha256 mismatch" in view.reason or "zstd rejected the stream" in view.reason, view.reason
     guest = engine._sessions["server"].guest
     assert isinstance(guest, QemuGuest) and guest.channel is not None and guest.channel.ready.is_set()

@@ -71,7 +71,7 @@ EVENT_GRACE_S = 1.0
 #: the guest agent answers at once when it runs; longer means it does not
 AGENT_TIMEOUT_S = 5.0
 #: a screen that has not changed for this long after it last changed has settled
-SETTLE_QUIET_S = 3.0
+SETTLE_QUIET_S = 10.0  # under emulation a panel can come seconds after the wallpaper
 SETTLE_QUIET_PLAIN_S = 20.0
 #: a screen with this many colours in a sample is painted (a desktop), not blank or text
 PAINTED_COLOURS = 16
