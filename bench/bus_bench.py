@@ -241,9 +241,11 @@ def main() -> int:
                   f"{d * 1000:.0f} ms, ratio {b / d:.2f}x ({len(bus_t)} each, interleaved)")
             delays = sorted(x for _, _, x in changes)
             states = [st for _, st, _ in changes]
+            slowest = max(changes, key=lambda c: c[2])
             expected = len(bus_t) * 4  # queued, restoring, running, stopped
             print(f"state change to PropertiesChanged at a client: median {statistics.median(delays) * 1000:.2f} ms, "
                   f"p99 {delays[max(0, int(len(delays) * 0.99) - 1)] * 1000:.2f} ms, max {delays[-1] * 1000:.2f} ms "
+                  f"({slowest[0]} {slowest[1]}) "
                   f"({len(delays)} changes seen of {expected}: " + ", ".join(
                       f"{st} {states.count(st)}" for st in dict.fromkeys(states)) + ")")
         finally:
