@@ -11,7 +11,12 @@ Measures
 * Properties.Get (State) and ListSessions latency, median and p99, with 1 and
   20 concurrent client processes, each on its own connection;
 * Activate over D-Bus until PropertiesChanged says running, against
-  Engine.activate until the engine says running, interleaved in one run, as a ratio.
+  Engine.activate until the engine says running, interleaved in one run, as a
+  ratio of the medians and as the median of each back-to-back pair's ratio;
+* meanwhile, how long each change of state takes from the engine's event to a
+  client: a listener process (one client, its own connection) takes the time a
+  PropertiesChanged carrying State arrives minus the LastChange it carries (the
+  engine's wall-clock time of the change), median and p99, and counts the changes.
 """
 
 from __future__ import annotations
@@ -112,6 +117,49 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _listener(address: str, pipe: mp.connection.Connection) -> None:
+    """A client that only listens: per PropertiesChanged carrying State, arrival minus LastChange."""
+    con = connect(address)
+    loop = GLib.MainLoop()
+    samples: list[tuple[str, str, float]] = []
+
+    def on_signal(_c, _s, path, _i, _n, params):
+        arrived = time.time()
+        changed = params.unpack()[1]
+        if "State" in changed and "LastChange" in changed:
+            samples.append((path.rsplit("/", 1)[1], changed["State"], arrived - changed["LastChange"]))
+
+    con.signal_subscribe(BUS, "org.freedesktop.DBus.Properties", "PropertiesChanged", None, SIFACE,
+                         Gio.DBusSignalFlags.NONE, on_signal)
+    con.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId", None, None,
+                  0, 10_000, None)  # the match rule is in place once this returns
+    pipe.send("ready")
+    GLib.io_add_watch(pipe.fileno(), GLib.PRIORITY_DEFAULT, GLib.IO_IN | GLib.IO_HUP, lambda *_: loop.quit())
+    loop.run()
+    pipe.recv()
+    pipe.send(samples)
+
+
+class Listener:
+    """The listener process: started before the changes, asked for its samples after."""
+
+    def __init__(self, address: str):
+        ctx = mp.get_context("spawn")  # GDBus threads do not survive a fork
+        self._pipe, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_listener, args=(address, child), daemon=True)
+        self._proc.start()
+        if not self._pipe.poll(60) or self._pipe.recv() != "ready":
+            raise RuntimeError("the listener did not start")
+
+    def samples(self) -> list[tuple[str, str, float]]:
+        """(session, state, seconds from the engine's change to its arrival) per change, in order."""
+        time.sleep(0.2)  # the last signals on their way
+        self._pipe.send("stop")
+        samples = self._pipe.recv()
+        self._proc.join(10)
+        return samples
+
+
 def activate_over_bus(con: Gio.DBusConnection, name: str, timeout: float = 120) -> float:
     """Call to the PropertiesChanged that says running."""
     loop = GLib.MainLoop()
@@ -123,11 +171,12 @@ def activate_over_bus(con: Gio.DBusConnection, name: str, timeout: float = 120) 
 
     sub = con.signal_subscribe(None, "org.freedesktop.DBus.Properties", "PropertiesChanged", path, SIFACE,
                                Gio.DBusSignalFlags.NONE, on_signal)
-    GLib.timeout_add(int(timeout * 1000), loop.quit)
+    watchdog = GLib.timeout_add(int(timeout * 1000), loop.quit)
     t = time.perf_counter()
     call(con, MANAGER, MIFACE, "Activate", GLib.Variant("(sa{sv})", (name, {})))
     loop.run()
     elapsed = time.perf_counter() - t
+    GLib.source_remove(watchdog)
     con.signal_unsubscribe(sub)
     state = call(con, path, "org.freedesktop.DBus.Properties", "Get", GLib.Variant("(ss)", (SIFACE, "State")))
     assert state.unpack()[0] == "running", state
@@ -174,6 +223,7 @@ def main() -> int:
             manifest = load_manifest(medium / MANIFEST_RELPATH)
             engine = Engine(manifest, QemuBackend(), work / "direct", parse_cmdline("xenubuntu.restore=off"))
             bus_t, direct_t = [], []
+            listener = Listener(address)
             try:
                 for _ in range(args.rounds):
                     for name in NAMES:
@@ -186,9 +236,23 @@ def main() -> int:
                         engine.stop(name)
             finally:
                 engine.shutdown(stop_guests=True)
+            changes = listener.samples()
             b, d = statistics.median(bus_t), statistics.median(direct_t)
+            # each pair ran back to back on the same flavour: its ratio is little moved by the machine's
+            # load drifting over the run, which moves the two medians apart
+            paired = statistics.median(x / y for x, y in zip(bus_t, direct_t, strict=True))
             print(f"activate to running: over D-Bus median {b * 1000:.0f} ms, Engine.activate median "
-                  f"{d * 1000:.0f} ms, ratio {b / d:.2f}x ({len(bus_t)} each, interleaved)")
+                  f"{d * 1000:.0f} ms, ratio {b / d:.2f}x ({len(bus_t)} each, interleaved); "
+                  f"median of the {len(bus_t)} paired ratios {paired:.2f}x")
+            delays = sorted(x for _, _, x in changes)
+            states = [st for _, st, _ in changes]
+            slowest = max(changes, key=lambda c: c[2])
+            expected = len(bus_t) * 4  # queued, restoring, running, stopped
+            print(f"state change to PropertiesChanged at a client: median {statistics.median(delays) * 1000:.2f} ms, "
+                  f"p99 {delays[max(0, int(len(delays) * 0.99) - 1)] * 1000:.2f} ms, max {delays[-1] * 1000:.2f} ms "
+                  f"({slowest[0]} {slowest[1]}) "
+                  f"({len(delays)} changes seen of {expected}: " + ", ".join(
+                      f"{st} {states.count(st)}" for st in dict.fromkeys(states)) + ")")
         finally:
             stop(proc)
     finally:

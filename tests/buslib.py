@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,60 @@ class Client:
                 return st
             time.sleep(0.05)
         raise TimeoutError(f"{name} is {self.state(name)}, not {sorted(states)}, after {timeout} s")
+
+
+class Signals:
+    """Every PropertiesChanged on the bus, in the order it arrived, received by a thread
+    of its own on its own connection (the test's calls do not hold it up)."""
+
+    def __init__(self, address: str):
+        self.received: list[tuple[str, str, dict[str, Any]]] = []   # (path, interface, changed)
+        self._cond = threading.Condition()
+        self._context = GLib.MainContext()
+        self._loop = GLib.MainLoop(self._context)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(address, ready), daemon=True)
+        self._thread.start()
+        assert ready.wait(20), "the signal listener did not start"
+
+    def _run(self, address: str, ready: threading.Event) -> None:
+        self._context.push_thread_default()
+        con = connect(address)
+        con.signal_subscribe(BUS_NAME, "org.freedesktop.DBus.Properties", "PropertiesChanged", None, None,
+                             Gio.DBusSignalFlags.NONE, self._on_signal)
+        # the match rule is in place once a call made after it returns
+        con.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId", None, None,
+                      0, 10_000, None)
+        ready.set()
+        self._loop.run()
+        con.close_sync(None)
+        self._context.pop_thread_default()
+
+    def _on_signal(self, _con, _sender, path, _iface, _name, params) -> None:
+        iface, changed, _invalidated = params.unpack()
+        with self._cond:
+            self.received.append((path, iface, changed))
+            self._cond.notify_all()
+
+    def of(self, path: str) -> list[dict[str, Any]]:
+        """The changed properties of each signal of one object, in order."""
+        with self._cond:
+            return [changed for p, _, changed in self.received if p == path]
+
+    def wait_for(self, path: str, prop: str, value: Any, timeout: float = 120.0) -> None:
+        """Until a signal of ``path`` says ``prop`` is ``value`` (or, if callable, that ``value(prop)``)."""
+        ok = value if callable(value) else lambda v: v == value
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(p == path and prop in changed and ok(changed[prop]) for p, _, changed in self.received):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no PropertiesChanged of {path} with {prop}={value!r} in {timeout} s")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self._context.invoke_full(GLib.PRIORITY_DEFAULT, self._loop.quit)
+        self._thread.join(10)
 
 
 @dataclass

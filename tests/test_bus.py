@@ -19,7 +19,7 @@ from gi.repository import GLib
 from xsession.bus import introspection_xml
 
 from .buslib import (BUS_NAME, ERROR, HELPER_USER, MANAGER_IFACE, MANAGER_PATH, NOBODY, SESSION_IFACE, Client,
-                     busctl, ctl, gdbus)
+                     Signals, busctl, ctl, gdbus)
 from .guestlib import ask, qemu_pids_under
 
 KUBUNTU = f"{MANAGER_PATH}/session/kubuntu"
@@ -98,7 +98,7 @@ def _read_until(proc: subprocess.Popen, done, timeout: float) -> list[str]:
             return seen
 
 
-def test_activate_is_announced_with_batched_properties_changed(private_bus, xsessiond, client):
+def test_activate_is_announced_to_a_monitor(private_bus, xsessiond, client):
     xsessiond()
     monitor = subprocess.Popen(["gdbus", "monitor", "--address", private_bus, "--dest", BUS_NAME],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -120,14 +120,66 @@ def test_activate_is_announced_with_batched_properties_changed(private_bus, xses
     out = "\n".join(lines) + "\n"
     ubuntu = [line for line in out.splitlines() if line.startswith(UBUNTU) and "PropertiesChanged" in line]
     states = [m.group(1) for line in ubuntu for m in [re.search(r"'State': <'(\w+)'>", line)] if m]
-    assert states[-1] == "running" and "restoring" in states, ubuntu
+    assert states == ["queued", "restoring", "running"], ubuntu
     assert any("'Progress': <" in line for line in ubuntu)
-    # batched: queued and restoring happen in one call, so one signal carries the later
-    # state; progress comes at most ten times a second
+    # one signal per state; progress alone comes at most ten times a second
     assert len(ubuntu) <= elapsed / 0.1 + 4, (elapsed, ubuntu)
     manager = [line for line in out.splitlines() if line.startswith(f"{MANAGER_PATH}: ")
                and "PropertiesChanged" in line]
     assert any("'Memory'" in line for line in manager), "the memory plan follows the sessions"
+
+
+def test_each_state_change_is_one_properties_changed_with_its_values(private_bus, xsessiond, client):
+    """Every state a session goes through reaches the bus in its own PropertiesChanged, in
+    order, carrying that change's values; progress never comes after the state that ended it;
+    and the signals replayed over the first reading give what a reading gives afterwards."""
+    xsessiond()
+    signals = Signals(private_bus)
+    try:
+        before = client.session("ubuntu")
+        assert before["State"] == "available"
+        client.activate("ubuntu")
+        signals.wait_for(UBUNTU, "State", "running")
+        running = client.session("ubuntu")
+        client.call(UBUNTU, SESSION_IFACE, "Pause")
+        client.call(UBUNTU, SESSION_IFACE, "Resume")
+        client.call(UBUNTU, SESSION_IFACE, "Stop")
+        signals.wait_for(UBUNTU, "State", "stopped")
+        after = client.session("ubuntu")
+        signals.wait_for(MANAGER_PATH, "Memory", lambda memory: memory["running_mib"] == 0)
+    finally:
+        signals.close()
+    # the manager's memory plan follows the session's states
+    assert any(c["Memory"]["running_mib"] > 0 for c in signals.of(MANAGER_PATH) if "Memory" in c)
+    got = signals.of(UBUNTU)
+    with_state = [changed for changed in got if "State" in changed]
+    assert [c["State"] for c in with_state] == ["queued", "restoring", "running", "paused", "running",
+                                                "stopped"], got
+    # a change of state carries its reason and its time, each one later than the one before
+    assert all({"StateReason", "LastChange"} <= c.keys() for c in with_state), with_state
+    times = [c["LastChange"] for c in with_state]
+    assert times == sorted(times) and len(set(times)) == len(times), times
+    assert [c["StateReason"] for c in with_state][:3] == ["requested", "reading the statefile",
+                                                          "restored from its statefile"]
+    # the signal that says running carries the values a reading gives while it runs
+    first_running = got.index(with_state[2])
+    for key, value in with_state[2].items():
+        assert running[key] == value, key
+    assert running["Progress"] == 1.0 and running["BytesDone"] == running["BytesTotal"] > 0
+    assert "vnc" in with_state[2]["Console"]
+    # between restoring and running only progress, never going back; none after running
+    restoring = got.index(with_state[1])
+    progress = got[restoring + 1:first_running]
+    assert all(c.keys() <= {"Progress", "BytesDone", "BytesTotal"} for c in progress), progress
+    done = [c["BytesDone"] for c in progress if "BytesDone" in c]
+    assert done == sorted(done) and all(d <= running["BytesTotal"] for d in done), done
+    assert all("Progress" not in c for c in got[first_running + 1:] if "State" not in c)
+    # the signals are all a front-end needs: replayed over the first reading, they give the last
+    replayed = dict(before)
+    for changed in got:
+        replayed.update(changed)
+    assert replayed == after
+    assert after["State"] == "stopped" and after["Console"] == {}
 
 
 def test_an_unprivileged_caller_reads_but_every_change_is_refused(polkitd, xsessiond, client):

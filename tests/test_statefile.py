@@ -12,7 +12,7 @@ import pytest
 
 from xsession.errors import MediumUnavailable, StatefileCorrupt
 from xsession.manifest import MachineConfig, Statefile
-from xsession.statefile import Feeder, precheck
+from xsession.statefile import Feeder, precheck, zstd_checks_suffice
 
 from .guestlib import damage
 
@@ -33,7 +33,7 @@ def make_statefile(tmp_path: Path, compression: str = "zstd") -> tuple[Path, Sta
     return path, sf
 
 
-def feed(path: Path, sf: Statefile):
+def feed(path: Path, sf: Statefile, **kw):
     """Run a feeder into a pipe whose other end a thread drains, like a hypervisor would."""
     r, w = os.pipe()
     out = bytearray()
@@ -46,7 +46,7 @@ def feed(path: Path, sf: Statefile):
     t = threading.Thread(target=drain)
     t.start()
     seen = []
-    feeder = Feeder(path, sf, w, lambda d, total: seen.append((d, total)))
+    feeder = Feeder(path, sf, w, lambda d, total: seen.append((d, total)), **kw)
     feeder.start()
     result = feeder.result(30)
     t.join(30)
@@ -110,3 +110,47 @@ def test_a_reader_that_goes_away_ends_the_feed_without_blaming_the_statefile(tmp
     result = feeder.result(30)
     assert result.reader_gone and result.problem is None
     assert result.sha256 == sf.sha256  # the whole file was still checked
+
+
+def _zstd(tmp_path: Path, name: str, *flags: str, stdin: bool = False) -> Path:
+    raw = tmp_path / "state.raw"
+    raw.write_bytes(PAYLOAD)
+    out = tmp_path / name
+    if stdin:  # a stream of unknown length: no content size in the header
+        with open(raw, "rb") as f:
+            out.write_bytes(subprocess.run(["zstd", "-q", *flags, "-c"], stdin=f, capture_output=True,
+                                           check=True).stdout)
+    else:
+        subprocess.run(["zstd", "-q", *flags, "-f", str(raw), "-o", str(out)], check=True)
+    return out
+
+
+def test_zstd_checks_suffice_only_when_the_frame_promises_checksum_and_the_recorded_size(tmp_path):
+    path, sf = make_statefile(tmp_path)
+    assert zstd_checks_suffice(path, sf)
+    mastered = _zstd(tmp_path, "mt.zst", "-T0", "-1", "--check")  # as Xen mastering writes it
+    assert zstd_checks_suffice(mastered, sf)
+    assert not zstd_checks_suffice(path, Statefile(sf.path, sf.size, sf.sha256, "zstd", sf.raw_size + 1,
+                                                   sf.saved_with))
+    assert not zstd_checks_suffice(_zstd(tmp_path, "nocheck.zst", "--no-check"), sf)
+    assert not zstd_checks_suffice(_zstd(tmp_path, "stream.zst", "--check", stdin=True), sf)
+    raw_path, raw_sf = make_statefile(tmp_path, "none")
+    assert not zstd_checks_suffice(raw_path, raw_sf)
+    damage(path, offset=0, count=1)
+    assert not zstd_checks_suffice(path, sf)
+    assert not zstd_checks_suffice(tmp_path / "missing.zst", sf)
+
+
+def test_without_the_sha256_pass_zstd_still_rejects_every_damage(tmp_path):
+    """Where zstd's checks suffice the feed skips the sha256, and damage is still caught."""
+    path, sf = make_statefile(tmp_path)
+    unknown = Statefile(sf.path, sf.size, "0" * 64, "zstd", sf.raw_size, sf.saved_with)
+    result, out, _ = feed(path, unknown, verify_sha256=False)
+    assert result.problem is None and out == PAYLOAD and result.bytes_read == sf.size and result.sha256 == ""
+    good = path.read_bytes()
+    # in the stored (incompressible) part only the content checksum can tell; the checksum itself; a block header
+    for offset in (sf.size // 4, sf.size - 2, 12):
+        path.write_bytes(good)
+        damage(path, offset=offset, count=1)
+        result, _, _ = feed(path, sf, verify_sha256=False)
+        assert result.problem is not None and result.problem.startswith("zstd rejected the stream"), (offset, result)

@@ -63,6 +63,15 @@ def test_restored_guest_goes_on_counting(run, name):
 
 
 @pytest.mark.parametrize("name", ["alpha", "beta"])
+def test_restore_relies_on_zstd_checks_and_asks_xen_in_process(run, name):
+    """Mastered images promise a content checksum and size, so no sha256 pass; the domain's
+    id comes from xenstore (the damaged-image tests below show that damage is still caught)."""
+    r = result(run, f"restore-{name}")
+    assert r["checks"] == "zstd"
+    assert r["in_process"] == {"domid": r["domid"], "dom0": 0, "none": None}
+
+
+@pytest.mark.parametrize("name", ["alpha", "beta"])
 def test_restore_reports_progress(run, name):
     r = result(run, f"restore-{name}")
     size = result(run, "master")["flavours"][name]["size"]

@@ -19,12 +19,16 @@ place that does: an :class:`~xsession.errors.XSessionError` becomes
 ``org.freedesktop.DBus.Error.InvalidArgs``, anything else ``...Error.Failed``
 (the cause is logged with its traceback and named in the message).
 
-Signals: engine events arrive on worker threads and are marshalled to the main
-loop with ``GLib.idle_add``; they only mark objects dirty. One idle flush at a
-lower priority than the events then emits at most one ``PropertiesChanged``
-per object per main-loop turn, with the values read at that moment. A change
-that touches only progress is held back to one signal per
-:data:`PROGRESS_INTERVAL_S` per session.
+Signals: a change of state is announced at once, by the engine thread that
+reports it (GDBus sends from any thread, and the engine reports one event at a
+time, in order), with no hop through the main loop: one ``PropertiesChanged``
+per state change, carrying the values of the event's snapshot that differ from
+what was announced last, so a front-end sees every state a session went
+through. A change that touches only progress is held back to one signal per
+:data:`PROGRESS_INTERVAL_S` per session (a main-loop timeout sends what is
+due); it never delays a change of state, which carries the progress too. The
+manager's properties (``Memory`` follows the sessions' states) are looked at
+again in one idle flush on the main loop.
 """
 
 from __future__ import annotations
@@ -283,8 +287,8 @@ class SessionsService:
     """Publishes an engine (or, with no usable medium, none) on a bus connection.
 
     Call :meth:`publish` from the main loop before owning the name, :meth:`close`
-    when done. Everything but :meth:`_on_engine_event` and :meth:`manager_changed`
-    runs in the main loop.
+    when done. Everything but :meth:`_on_engine_event` (and the session signals it
+    sends) and :meth:`manager_changed` runs in the main loop.
     """
 
     def __init__(self, con: Gio.DBusConnection, engine: Engine | None, facts: Facts,
@@ -297,9 +301,12 @@ class SessionsService:
         self._registrations: list[int] = []
         self._session_regs: dict[str, int] = {}
         self._published: dict[str, dict[str, Any]] = {}   # path -> properties last announced
-        self._dirty: dict[str, None] = {}   # ordered: signals follow the order of the events
-        self._flush_id = 0
+        self._latest: dict[str, dict[str, Any]] = {}      # session path -> its latest event's properties
+        self._held: dict[str, None] = {}    # session paths whose progress is held back (ordered)
+        self._progress_id = 0               # timeout: held-back progress is due
+        self._manager_id = 0                # idle: the manager's properties are looked at again
         self._last_progress: dict[str, float] = {}
+        self._signals = threading.Lock()    # the session signals' bookkeeping (engine threads, main loop)
         self._closed = False
 
     # -- publishing ------------------------------------------------------------------
@@ -319,23 +326,26 @@ class SessionsService:
         self._session_regs[name] = self.con.register_object(
             path, self._ifaces[SESSION_IFACE], self._on_session_call, self._get_session_property, None)
         props = self._session_props(name)
-        self._published[path] = props
+        self._published[path] = self._latest[path] = props
         self._emit(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesAdded",
                    GLib.Variant("(oa{sa{sv}})", (path, {SESSION_IFACE: self._typed(SESSION_IFACE, props)})))
 
     def close(self) -> None:
         """Withdraw every object (InterfacesRemoved for the sessions); idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._flush_id:
-            GLib.source_remove(self._flush_id)
-            self._flush_id = 0
-        for name, reg in list(self._session_regs.items()):
+        with self._signals:
+            if self._closed:
+                return
+            self._closed = True
+            for source in (self._progress_id, self._manager_id):
+                if source:
+                    GLib.source_remove(source)
+            self._progress_id = self._manager_id = 0
+            regs = dict(self._session_regs)
+            self._session_regs.clear()
+        for name, reg in regs.items():
             self.con.unregister_object(reg)
             self._emit(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesRemoved",
                        GLib.Variant("(oas)", (session_path(name), [SESSION_IFACE])))
-        self._session_regs.clear()
         for reg in self._registrations:
             self.con.unregister_object(reg)
         self._registrations.clear()
@@ -375,62 +385,78 @@ class SessionsService:
 
     # -- change signals ----------------------------------------------------------------
     def _on_engine_event(self, event: str, view: SessionView | None) -> None:
-        """Engine thread: hand the news to the main loop."""
-        path = session_path(view.name) if view is not None else None
-        # progress moves no memory: the manager's facts are looked at again only on a change of state
-        GLib.idle_add(self._mark, path, event != "progress", priority=GLib.PRIORITY_DEFAULT)
+        """Engine thread (the engine reports one event at a time, in order): a change of
+        state is announced from here at once, GDBus sends from any thread; a change of
+        progress alone at most every :data:`PROGRESS_INTERVAL_S` per session."""
+        if view is None:  # the manager's warnings
+            self.manager_changed()
+            return
+        path = session_path(view.name)
+        with self._signals:
+            if self._closed or view.name not in self._session_regs:
+                return
+            self._latest[path] = _session_properties(view)
+            if event != "progress":
+                self._publish_session(path)
+            else:
+                left = self._last_progress.get(path, float("-inf")) + PROGRESS_INTERVAL_S - time.monotonic()
+                if left <= 0:
+                    self._publish_session(path)
+                else:
+                    self._held[path] = None
+                    if not self._progress_id:
+                        self._progress_id = GLib.timeout_add(max(1, round(left * 1000)), self._release_progress)
+        if event != "progress":
+            self.manager_changed()  # Memory and Warnings follow the sessions' states
 
     def manager_changed(self) -> None:
         """Any thread: the manager's facts (medium, warnings, ...) changed."""
-        GLib.idle_add(self._mark, None, True, priority=GLib.PRIORITY_DEFAULT)
+        GLib.idle_add(self._manager_dirty, priority=GLib.PRIORITY_DEFAULT)
 
-    def _mark(self, path: str | None, manager: bool) -> bool:
-        if path is not None:
-            self._dirty[path] = None
-        if manager:  # Memory and Warnings follow the sessions' states
-            self._dirty[MANAGER_PATH] = None
-        self._schedule_flush()
+    def _publish_session(self, path: str) -> None:
+        """One PropertiesChanged with what the latest event changed since the last one, if
+        anything (signals lock held)."""
+        self._held.pop(path, None)
+        props, old = self._latest[path], self._published[path]
+        changed = {k: v for k, v in props.items() if old.get(k) != v}
+        if not changed:
+            return
+        body = GLib.Variant("(sa{sv}as)", (SESSION_IFACE, self._typed(SESSION_IFACE, changed), []))
+        if not changed.keys().isdisjoint(PROGRESS_PROPERTIES):
+            self._last_progress[path] = time.monotonic()
+        self._published[path] = props
+        self._emit(path, PROPERTIES_IFACE, "PropertiesChanged", body)
+
+    def _release_progress(self) -> bool:
+        """Main loop: announce the held-back progress that is due; wait again for the rest."""
+        with self._signals:
+            self._progress_id = 0
+            now = time.monotonic()
+            waits = []
+            for path in list(self._held):
+                left = self._last_progress.get(path, float("-inf")) + PROGRESS_INTERVAL_S - now
+                if left <= 0:
+                    self._publish_session(path)
+                else:
+                    waits.append(left)
+            if waits and not self._closed:
+                self._progress_id = GLib.timeout_add(max(1, round(min(waits) * 1000)), self._release_progress)
         return GLib.SOURCE_REMOVE
 
-    def _schedule_flush(self, delay_s: float = 0.0) -> None:
-        if self._flush_id or self._closed:
-            return
-        if delay_s > 0:
-            self._flush_id = GLib.timeout_add(max(1, int(delay_s * 1000)), self._flush)
-        else:
-            # below the events' priority: every pending event is taken in first
-            self._flush_id = GLib.idle_add(self._flush, priority=GLib.PRIORITY_DEFAULT_IDLE)
+    def _manager_dirty(self) -> bool:
+        """Main loop: look at the manager's properties again once this turn's events are in."""
+        if not self._manager_id and not self._closed:
+            self._manager_id = GLib.idle_add(self._publish_manager, priority=GLib.PRIORITY_DEFAULT_IDLE)
+        return GLib.SOURCE_REMOVE
 
-    def _flush(self) -> bool:
-        self._flush_id = 0
-        dirty, self._dirty = self._dirty, {}
-        wait = 0.0
-        now = time.monotonic()
-        for path in dirty:
-            if path == MANAGER_PATH:
-                iface, props = MANAGER_IFACE, self.facts.manager_properties()
-            else:
-                name = path.rsplit("/", 1)[1]
-                if name not in self._session_regs:
-                    continue
-                iface, props = SESSION_IFACE, self._session_props(name)
-            old = self._published.get(path, {})
-            changed = {k: v for k, v in props.items() if old.get(k) != v}
-            if not changed:
-                continue
-            if iface == SESSION_IFACE and set(changed) <= PROGRESS_PROPERTIES:
-                left = self._last_progress.get(path, 0.0) + PROGRESS_INTERVAL_S - now
-                if left > 0:
-                    self._dirty[path] = None
-                    wait = max(wait, left)
-                    continue
-            if iface == SESSION_IFACE and set(changed) & PROGRESS_PROPERTIES:
-                self._last_progress[path] = now
-            self._published[path] = props
-            body = self._typed(iface, changed)
-            self._emit(path, PROPERTIES_IFACE, "PropertiesChanged", GLib.Variant("(sa{sv}as)", (iface, body, [])))
-        if self._dirty:
-            self._schedule_flush(wait)
+    def _publish_manager(self) -> bool:
+        self._manager_id = 0
+        props, old = self.facts.manager_properties(), self._published.get(MANAGER_PATH, {})
+        changed = {k: v for k, v in props.items() if old.get(k) != v}
+        if changed:
+            self._published[MANAGER_PATH] = props
+            self._emit(MANAGER_PATH, PROPERTIES_IFACE, "PropertiesChanged",
+                       GLib.Variant("(sa{sv}as)", (MANAGER_IFACE, self._typed(MANAGER_IFACE, changed), [])))
         return GLib.SOURCE_REMOVE
 
     # -- methods ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 from .errors import MediumUnavailable, StatefileCorrupt
 from .manifest import Statefile
 
-__all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of", "widen_pipe"]
+__all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of", "widen_pipe", "zstd_checks_suffice"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20  # 1 MiB: few system calls, progress still fine-grained for a DVD
@@ -90,10 +90,13 @@ class Feeder(threading.Thread):
     stream; :meth:`cancel` stops a feed whose reader died.
     """
 
-    def __init__(self, path: Path, sf: Statefile, out_fd: int, progress: Callable[[int, int], None] | None = None):
+    def __init__(self, path: Path, sf: Statefile, out_fd: int, progress: Callable[[int, int], None] | None = None,
+                 *, verify_sha256: bool = True):
         super().__init__(name=f"feed-{path.name}", daemon=True)
         self.path = path
         self.sf = sf
+        #: False where zstd's own checks suffice (:func:`zstd_checks_suffice`): no hashing pass
+        self.verify_sha256 = verify_sha256
         self.out_fd = out_fd  # closed in run(), always
         self.progress = progress
         self._cancel = threading.Event()
@@ -174,7 +177,8 @@ class Feeder(threading.Thread):
                             reader_gone = True
                             if self._decompressor_failed():
                                 break  # its own words are the diagnosis: no need to read on
-                    h.update(block)  # after the write: hashing overlaps the decompression
+                    if self.verify_sha256:
+                        h.update(block)  # after the write: hashing overlaps the decompression
                     if self.progress is not None:
                         self.progress(done, self.sf.size)
         except _MediumError as e:
@@ -205,7 +209,7 @@ class Feeder(threading.Thread):
                 words = err.decode(errors="replace").strip().splitlines()
                 zstd_error = (" ".join(words[-1].split())[:300] if words
                               else f"it exited with status {self._proc.returncode}")
-        digest = h.hexdigest()
+        digest = h.hexdigest() if self.verify_sha256 else ""
         # the most telling diagnosis first
         problem: str | None = None
         if medium_error is not None:
@@ -216,7 +220,7 @@ class Feeder(threading.Thread):
             problem = f"zstd rejected the stream after {done} of {self.sf.size} bytes: {zstd_error}"
         elif done != self.sf.size:
             problem = f"read {done} bytes, expected {self.sf.size}"
-        elif digest != self.sf.sha256:
+        elif self.verify_sha256 and digest != self.sf.sha256:
             problem = f"sha256 mismatch: got {digest[:16]}..., expected {self.sf.sha256[:16]}..."
         elif zstd_error is not None:
             problem = f"zstd rejected the stream: {zstd_error}"
@@ -255,3 +259,34 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def zstd_checks_suffice(path: Path, sf: Statefile) -> bool:
+    """Whether zstd itself proves the stream whole and true, so no sha256 pass is needed.
+
+    True when the (first and only, as mastering writes it) frame's header promises
+    a content checksum and records a content size equal to the manifest's
+    ``raw_size``: zstd then fails unless every decoded byte matches the checksum
+    and exactly ``raw_size`` bytes come out, and :class:`Feeder` checks that
+    exactly ``size`` bytes went in. A header that promises less (or cannot be
+    read) leaves the sha256 check in place.
+    """
+    if sf.compression != "zstd":
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(18)  # magic, descriptor, window, dictionary id (<= 4), content size (<= 8)
+    except OSError:
+        return False
+    if len(head) < 6 or head[:4] != ZSTD_MAGIC:
+        return False
+    fhd = head[4]
+    fcs_flag, single_segment, checksum, did_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    if not checksum:
+        return False
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[did_flag]
+    width = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if width == 0 or len(head) < pos + width:
+        return False  # no content size recorded
+    size = int.from_bytes(head[pos:pos + width], "little") + (256 if width == 2 else 0)
+    return size == sf.raw_size

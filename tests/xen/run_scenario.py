@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
 #: Xen's own command line: serial console, a fixed-size dom0 with one vCPU, no reboot on a crash
-XEN_ARGS = ("console=com1 com1=115200,8n1 dom0_mem={dom0}M,max:{dom0}M dom0_max_vcpus=1 "
+XEN_ARGS = ("console=com1 com1=115200,8n1 dom0_mem={dom0}M,max:{dom0}M dom0_max_vcpus={vcpus} "
             "loglvl=all guest_loglvl=all noreboot")
 DOM0_ARGS = "console=hvc0 earlyprintk=xen loglevel=4"
 
@@ -104,7 +104,7 @@ def _payload(dest: Path, images: Path, scenario: Path, files: dict[str, Path]) -
 
 def run_scenario(scenario: Path, files: dict[str, Path] | None = None, *, timeout: float = 600,
                  log: Path | None = None, memory_mib: int = 2048, dom0_mib: int = 640,
-                 echo: bool = False) -> ScenarioRun:
+                 dom0_vcpus: int = 1, echo: bool = False) -> ScenarioRun:
     """Boot the test host, run ``scenario`` in dom0, return its ``@@`` lines.
 
     :raises ScenarioError: the host could not be built, QEMU failed to start,
@@ -125,7 +125,7 @@ def run_scenario(scenario: Path, files: dict[str, Path] | None = None, *, timeou
         argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max,-smap",
                 "-smp", "2", "-m", str(memory_mib), "-display", "none", "-serial", "stdio",
                 "-monitor", "none", "-no-reboot",
-                "-kernel", "xen", "-append", XEN_ARGS.format(dom0=dom0_mib),
+                "-kernel", "xen", "-append", XEN_ARGS.format(dom0=dom0_mib, vcpus=dom0_vcpus),
                 "-initrd", f"vmlinuz {DOM0_ARGS},dom0.cpio.gz"]
         t0 = time.monotonic()
         lines: list[str] = []

@@ -20,8 +20,10 @@ from pathlib import Path
 from xsession.errors import StatefileCorrupt
 from xsession.hypervisor import xl
 from xsession.hypervisor.xen import XenBackend, XenGuest
+from xsession.hypervisor.xenctl import XenControl
 from xsession.manifest import load_manifest
 from xsession.mastering.xen import TCG_PVH_CPUID, XenFlavourSpec, master_medium
+from xsession.statefile import zstd_checks_suffice
 
 GUEST = Path("/payload/guest")
 WORK = Path("/tmp/xs")
@@ -107,12 +109,17 @@ def restore_one(flavour, index: int):
     expected = state["last"][flavour.name] + 1  # type: ignore[index]
     row = xl.list_domains(flavour.name)[0]
     overheads[flavour.name] = before.free_mib - after.free_mib - flavour.memory_mib
+    image = manifest.resolve(flavour.statefile.path)
+    # what the restore relied on: zstd's own checks (no sha256 pass), xenstore and libxenctrl in process
+    ctl = XenControl()
+    in_process = {"domid": ctl.domid(flavour.name), "dom0": ctl.domid("Domain-0"), "none": ctl.domid("nosuch")}
     return {"ok": bool(seen) and seen[0] == expected and row.running and guest.is_alive(),
             "order": index, "first_counter": seen[:3], "expected": expected, "restore_s": round(took, 2),
             "progress_last": calls[-1] if calls else None, "progress_calls": len(calls),
             "free_before": before.free_mib, "free_after": after.free_mib, "memory_mib": flavour.memory_mib,
             "overhead_measured": overheads[flavour.name], "overhead_estimate": backend.overhead_mib(flavour),
-            "state": row.state, "domid": guest.domid}
+            "state": row.state, "domid": guest.domid, "checks": "zstd" if zstd_checks_suffice(image, flavour.statefile)
+            else "sha256", "in_process": in_process}
 
 
 for i, f in enumerate(order):
