@@ -13,7 +13,7 @@
 #     MANIFEST        sha256, size and name of every file; written last
 #   debs/             the .deb files every build shares (a rebuild downloads nothing)
 #   base-*.tar.zst    the debootstrapped minimal system every flavour starts from
-#   .lock             serialises builders (flock)
+#   .lock             serialises builders (flock); .NAME-KEY.lock guards one entry
 # A build is made in a temporary folder and renamed into place once complete;
 # an entry that fails verification is removed and built again. Needs root.
 set -euo pipefail
@@ -158,11 +158,17 @@ if [ "$MODE" = key ]; then echo "$KEY"; exit 0; fi
 ENTRY=$CACHE/$NAME-$KEY
 [ "$(id -u)" = 0 ] || { echo "build-flavour: needs root (debootstrap, chroot)" >&2; exit 1; }
 mkdir -p "$CACHE" "$DEBS"
-exec 8>"$CACHE/.lock"
-if ! flock -n 8; then
-  log_progress "waiting for another build"
-  flock 8
-fi
+# Two locks: the entry's own (whoever asks for the same build waits for it and
+# then finds it ready; checks of other entries never wait) and, while building,
+# the cache's (builders run one at a time: each uses every core it gets).
+lock() {  # $1 = fd, $2 = file
+  eval "exec $1>\"\$2\""
+  if ! flock -n "$1"; then
+    log_progress "$NAME: waiting for another build"
+    flock "$1"
+  fi
+}
+lock 7 "$CACHE/.$NAME-$KEY.lock"
 if [ -d "$ENTRY" ]; then
   if verify_entry "$ENTRY"; then echo "$ENTRY"; exit 0; fi
   [ "$MODE" = check ] && { echo "build-flavour: $ENTRY is damaged" >&2; exit 1; }
@@ -171,6 +177,7 @@ if [ -d "$ENTRY" ]; then
   rm -rf --one-file-system "$ENTRY"
 fi
 [ "$MODE" = check ] && { echo "build-flavour: no build of $NAME with key $KEY" >&2; exit 1; }
+lock 8 "$CACHE/.lock"
 
 # Builds that were interrupted left their folders; nobody else builds while we hold the lock.
 for stale in "$CACHE"/.build-* "$CACHE"/.base.*; do

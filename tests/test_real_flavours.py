@@ -128,11 +128,16 @@ class Guest:
 
 
 @contextmanager
-def booted(entry: Path, rundir: Path) -> Iterator[Guest]:
-    """Cold boot of a built flavour: direct kernel boot with its cmdline; a disk
-    flavour's image behind a throw-away overlay (the cache stays untouched), an
-    ISO flavour's ISO on a read-only CD drive."""
+def booted(entry: Path, rundir: Path, through_grub: bool = False) -> Iterator[Guest]:
+    """Cold boot of a built flavour: direct kernel boot with its cmdline (or, for
+    an ISO, the ISO's own GRUB); a disk flavour's image behind a throw-away
+    overlay (the cache stays untouched), an ISO flavour's ISO on a read-only CD drive."""
     meta = json.loads((entry / "flavour.json").read_text())
+    kernel = ["-kernel", str(entry / meta["kernel"]), "-initrd", str(entry / meta["initrd"]),
+              "-append", meta["cmdline"]]
+    if through_grub:
+        assert meta["source"] == "iso"
+        kernel = ["-boot", "d"]
     media: list[str]
     if meta["source"] == "disk":
         overlay = rundir / "overlay.qcow2"
@@ -146,8 +151,7 @@ def booted(entry: Path, rundir: Path) -> Iterator[Guest]:
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg",
         # -erms: TCG runs "rep stosb" slowly, and Linux uses it to clear pages when ERMS is offered
         "-cpu", "max,-smap,-erms", "-smp", "2", "-m", str(meta["memory_mib"]),
-        "-kernel", str(entry / meta["kernel"]), "-initrd", str(entry / meta["initrd"]),
-        "-append", meta["cmdline"], *media,
+        *kernel, *media,
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=xsg,path={rundir / 'guest.sock'},server=on,wait=off",
         "-device", f"virtserialport,chardev=xsg,name={meta['guest_port']}",
@@ -223,6 +227,17 @@ def test_cold_boot(flavour, runtime_dir):
         else:
             # the desktop user's session sends the messages
             assert "user" in guest.run("/bin/ps", "-o", "user=", "-C", "xenubuntu-agent")
+
+
+def test_iso_boots_through_its_grub(runtime_dir):
+    """The live ISO boots on its own too (BIOS, GRUB's default entry after 3 s)."""
+    entry = ensure_real_flavour("lubuntu", report=progress)
+    with booted(entry, runtime_dir, through_grub=True) as guest, guest.connect(guest.guest_sock) as sock:
+        messages = read_messages(guest, sock, alive, READY_TIMEOUT["lubuntu"] + 30)
+        assert ("ready", "lubuntu") in [(k, v) for _, k, v in messages]
+        assert "GNU GRUB" in (runtime_dir / "console.log").read_text(errors="replace")
+        cmdline = guest.run("/bin/cat", "/proc/cmdline")
+        assert "boot=live" in cmdline and "init_on_free=1" in cmdline
 
 
 def test_damaged_cache_entry_is_built_again():
