@@ -10,7 +10,9 @@ file on a fresh machine takes several minutes, later ones start at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -86,6 +88,18 @@ def test_a_restored_flavour_shows_its_saved_screen_and_lives_on(name, dmanifest,
         assert first is not None and first > 1, "no heartbeat after the restore, or it started again"
         assert guest.channel.wait_heartbeat(first, 15.0, guest.is_alive) is not None, "the heartbeat stopped"
         assert guest.channel.refused == 0
+        # inside: what its recipe built (a live system on its CD, an installed root, the services)
+        mounts = _in_guest(guest, "cat /proc/mounts")
+        if flavour.source == "iso":
+            assert re.search(r"^/dev/sr0 /run/live/medium iso9660 ro[ ,]", mounts, re.M), mounts
+            assert re.search(r"^overlay / overlay", mounts, re.M), mounts
+        else:
+            assert re.search(r"^/dev/vda / ext4 rw", mounts, re.M), mounts
+        if name == "server":
+            listening = _in_guest(guest, "ss -Htln")
+            assert ":445 " in listening and ":5232 " in listening, listening
+        else:  # the desktop user's own session sends the messages
+            assert "user" in _in_guest(guest, "ps -o user= -C xenubuntu-agent")
     finally:
         guest.stop()
 
@@ -178,3 +192,23 @@ def test_a_damaged_statefile_of_a_real_flavour_cold_boots_it(dmedium, make_engin
     assert "sha256 mismatch" in view.reason or "zstd rejected the stream" in view.reason, view.reason
     guest = engine._sessions["server"].guest
     assert isinstance(guest, QemuGuest) and guest.channel is not None and guest.channel.ready.is_set()
+
+
+def test_a_live_iso_we_did_not_build_is_ready_when_its_screen_settles(dmanifest, runtime_dir):
+    """A distribution's live ISO says nothing to us: it boots through its own boot loader
+    and counts as ready once its screen stopped changing. The LXQt ISO stands in for one:
+    no kernel given, no guest channel, readiness by the screen."""
+    lubuntu = dmanifest.flavour("lubuntu")
+    foreign = dataclasses.replace(
+        lubuntu, name="foreign", statefile=None, readiness="screen",
+        machine=dataclasses.replace(lubuntu.machine, guest_channel=False),
+        cold_boot=dataclasses.replace(lubuntu.cold_boot, kernel=None, initrd=None, ready_line=""))
+    manifest = dataclasses.replace(dmanifest, flavours=(foreign,), default="foreign")
+    guest = QemuBackend().cold_boot(foreign, manifest, runtime_dir / "foreign")
+    try:
+        assert guest.channel is None
+        log = (runtime_dir / "foreign" / "console.log").read_text(errors="replace")
+        assert "GNU GRUB" in log, "it did not boot through the ISO's own boot loader"
+        assert colours(guest.screendump()) > 16, "ready before the desktop was painted"
+    finally:
+        guest.stop()

@@ -401,6 +401,8 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     if (cold_boot.kernel is None) != (cold_boot.initrd is None):
         raise cb_r.error("must be given together with cold_boot.initrd (or neither, to boot the CD)",
                          "cold_boot.kernel")
+    if backend == "xen" and cold_boot.kernel is None:
+        raise cb_r.error("is needed by a Xen flavour (Xen boots no CD)", "cold_boot.kernel")
     if source == "iso" and iso is None:
         raise r.error("is needed for a flavour whose source is a live ISO", "iso")
     if iso is not None and not machine.cdrom:

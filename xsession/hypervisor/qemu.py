@@ -622,8 +622,8 @@ class QemuBackend:
         :raises HypervisorError: QEMU died or the guest was not ready in time.
         """
         cb = flavour.cold_boot
-        for rel in (cb.kernel, cb.initrd):
-            if not manifest.resolve(rel).is_file():
+        for rel in (cb.kernel, cb.initrd, flavour.iso):
+            if rel is not None and not manifest.resolve(rel).is_file():
                 raise MediumUnavailable(str(manifest.resolve(rel)), "needed for a cold boot but missing")
         disk = self._prepare(flavour, manifest, rundir)
         accel = accel or self._accel_for(flavour, manifest)

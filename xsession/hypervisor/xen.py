@@ -491,6 +491,8 @@ class XenBackend:
         """
         cb = flavour.cold_boot
         for rel in (cb.kernel, cb.initrd):
+            if rel is None:
+                raise MediumUnavailable(flavour.name, "a Xen flavour needs a kernel and an initrd to boot")
             if not manifest.resolve(rel).is_file():
                 raise MediumUnavailable(str(manifest.resolve(rel)), "needed for a cold boot but missing")
         config = self._prepare(flavour, manifest, rundir)
