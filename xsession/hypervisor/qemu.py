@@ -73,6 +73,9 @@ AGENT_TIMEOUT_S = 5.0
 #: a screen that has not changed for this long after it last changed has settled
 SETTLE_QUIET_S = 10.0  # under emulation a panel can come seconds after the wallpaper
 SETTLE_QUIET_PLAIN_S = 20.0
+SETTLE_QUIET_TEXT_MODE_S = 90.0
+#: the VGA text mode's screen (80x25 characters of 9x16)
+TEXT_MODE = (720, 400)
 #: a screen with this many colours in a sample is painted (a desktop), not blank or text
 PAINTED_COLOURS = 16
 SETTLE_SAMPLE_S = 0.5
@@ -660,19 +663,24 @@ class QemuBackend:
     def _wait_settled(guest: QemuGuest, timeout: float, alive: Callable[[], bool]) -> bool:
         """Until the screen changed and then stayed the same: for :data:`SETTLE_QUIET_S` once
         it is painted (many colours), for :data:`SETTLE_QUIET_PLAIN_S` while it is plain (a
-        black screen before the desktop paints itself, or a text console that stays one)."""
+        black screen before the desktop paints itself, or a text console that stays one),
+        and for :data:`SETTLE_QUIET_TEXT_MODE_S` in the PC's text mode, which a booting
+        kernel shows, silent, for as long as it loads (a running system has left it)."""
         deadline = time.monotonic() + timeout
         samples: list[tuple[float, str]] = []
-        painted = False
+        painted = text_mode = False
         while time.monotonic() < deadline and alive():
             try:
                 picture = guest.screendump()
                 samples.append((time.monotonic(), digest(picture)))
                 painted = colours(picture) >= PAINTED_COLOURS
+                text_mode = (picture.width, picture.height) == TEXT_MODE
             except HypervisorError:
                 if not guest.is_alive():
                     return False
-            if settled(samples, SETTLE_QUIET_S if painted else SETTLE_QUIET_PLAIN_S):
+            quiet = (SETTLE_QUIET_S if painted else SETTLE_QUIET_TEXT_MODE_S if text_mode
+                     else SETTLE_QUIET_PLAIN_S)
+            if settled(samples, quiet):
                 return True
             samples = samples[-int(2 * SETTLE_QUIET_PLAIN_S / SETTLE_SAMPLE_S):] if len(samples) > 400 else samples
             time.sleep(SETTLE_SAMPLE_S)
