@@ -211,7 +211,8 @@ make_disk() {  # $1 = output qcow2
 make_iso() {  # $1 = output ISO, $2 = kernel options
   local tree=$WORKDIR/iso
   mkdir -p "$tree/live" "$tree/boot/grub"
-  mksquashfs "$ROOT" "$tree/live/filesystem.squashfs" -noappend -comp zstd -Xcompression-level 15 -b 128K \
+  # zstd level 6: a few per cent larger than 15, several times quicker to build
+  mksquashfs "$ROOT" "$tree/live/filesystem.squashfs" -noappend -comp zstd -Xcompression-level 6 -b 128K \
     -wildcards -e 'boot/initrd.img*' 'boot/vmlinuz*' 'var/cache/apt/archives/*' >>"$BUILD_LOG" 2>&1
   cp "$OUTDIR/vmlinuz" "$tree/live/vmlinuz"
   cp "$OUTDIR/initrd.img" "$tree/live/initrd.img"
