@@ -45,7 +45,7 @@ PACKAGES = (
     "iproute2", "procps", "less",
 )
 #: bump when the commands of a step change (part of its key)
-SYSTEM_RECIPE = "system-1"
+SYSTEM_RECIPE = "system-2: with the updates"
 SQUASHFS_RECIPE = "squashfs-1: zstd 15, 128K blocks"
 PRODUCT_RECIPE = "product-1"
 
@@ -123,7 +123,8 @@ def system(cache: StepCache, debs: list[Path], opts: Options) -> Output:
         ctx.run(["debootstrap", "--variant=minbase", f"--cache-dir={archives}", opts.suite, str(root),
                  opts.mirror], what="debootstrap", timeout=1800)
         _apt_setup(root, opts)
-        chroot.run(ctx, root, ["apt-get update -q", "apt-get install -y -q " + " ".join(packages)],
+        chroot.run(ctx, root, ["apt-get update -q", "apt-get dist-upgrade -y -q",
+                               "apt-get install -y -q " + " ".join(packages)],
                    what=f"apt-get install ({len(packages)} packages)", debs=archives, timeout=3600)
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         if not kernels or not (root / XEN_IMAGE).exists():
@@ -183,7 +184,7 @@ XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"
 
 
 def _configure_commands(opts: Options) -> list[str]:
-    """Shell lines run in the product layer's chroot after the .debs are installed."""
+    """Shell lines run in the product layer's chroot before the .debs are installed."""
     q = shlex.quote
     lines = [
         f"printf %s {q(CASPER_SHIM)} > /etc/initramfs-tools/scripts/casper",
@@ -198,14 +199,18 @@ def _configure_commands(opts: Options) -> list[str]:
             f"printf %s {q(AUTOLOGIN)} > /etc/systemd/system/serial-getty@.service.d/autologin.conf",
             "passwd -d root",
         ]
-    lines.append("update-initramfs -u -k all")
     return lines
+
+
+#: the .debs' initramfs hooks trigger an initrd build; only when none ran is one made here
+INITRD = ("find /boot -name 'initrd.img-*' -newer /etc/initramfs-tools/scripts/casper | grep -q . "
+          "|| update-initramfs -u -k all")
 
 
 def product(cache: StepCache, sysout: Output, debs: list[Path], opts: Options) -> Output:
     """The ``dom0-product`` step: the .debs and the image's settings, as an overlay layer."""
     commands = _configure_commands(opts)
-    key = key_of([PRODUCT_RECIPE, sysout.key, *commands, *debs])
+    key = key_of([PRODUCT_RECIPE, sysout.key, *commands, INITRD, *debs])
     kernel = sysout.record["kernel"]
 
     def build(ctx: StepContext) -> dict:
@@ -216,7 +221,7 @@ def product(cache: StepCache, sysout: Output, debs: list[Path], opts: Options) -
             shutil.copy2(d, work / "debs" / d.name)
         inside = ["/run/xenubuntu-debs/" + d.name for d in debs]
         chroot.run(ctx, work / "merged",
-                   ["apt-get install -y -q --no-download " + " ".join(map(shlex.quote, inside)), *commands],
+                   [*commands, "apt-get install -y -q " + " ".join(map(shlex.quote, inside)), INITRD],
                    what="install the product and configure", debs=None,
                    overlay=(sysout.path / "rootfs", work / "upper", work / "ovl"),
                    binds=[(work / "debs", "/run/xenubuntu-debs")], timeout=1800)
