@@ -73,8 +73,11 @@ def build_test_image(medium: Path, out: Path, report=print, verbose: str = "") -
     debs = build_debs(REPO, out.parent / "debs")
     extra = iso.Extra(xen=SERIAL_XEN, dom0=f"{SERIAL_DOM0} {TCG_KERNEL} {verbose}".strip(),
                       plain=f"{SERIAL_PLAIN} {TCG_KERNEL} {verbose}".strip(), serial=True)
-    return build_image(medium, debs, out, cache_dir=DEFAULT_CACHE, opts=dom0.Options(root_shell=True),
-                       extra=extra, report=report)
+    import qemu.qmp  # the QEMU backend's QMP library (no Debian package): the folder of "qemu"
+
+    qmp = Path(qemu.qmp.__file__).resolve().parent.parent
+    opts = dom0.Options(root_shell=True, python_modules=(qmp,))
+    return build_image(medium, debs, out, cache_dir=DEFAULT_CACHE, opts=opts, extra=extra, report=report)
 
 
 class BootError(AssertionError):

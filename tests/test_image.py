@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from imagelib import ARTIFACTS, REPO, Machine, build_test_image, xen_medium
+from .imagelib import ARTIFACTS, REPO, Machine, build_test_image, xen_medium
 
 from xsession.image import iso
 from xsession.mastering.grub import entry_id
@@ -61,11 +62,30 @@ def image(medium: Path, tmp_path_factory):
     return result
 
 
+@pytest.fixture(scope="module")
+def qemu_image(demo_medium: Path, tmp_path_factory):
+    """The same image with the demo medium (QEMU flavours, saved by mastering) for the entries without Xen."""
+    out = tmp_path_factory.mktemp("qemu-image") / "xenubuntu-qemu.iso"
+    lines: list[str] = []
+    result = build_test_image(demo_medium, out, report=lines.append, verbose=VERBOSE)
+    (ARTIFACTS / "image-build-qemu.log").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def _record(name: str, value: object) -> None:
     path = ARTIFACTS / "image-timings.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = value
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _cfg(image) -> str:
+    """The boot menu as the image holds it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "grub.cfg"
+        subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(image.iso), "-extract", "/boot/grub/grub.cfg",
+                        str(dest)], capture_output=True, check=True)
+        return dest.read_text()
 
 
 def _menu_entries(cfg: str) -> list[str]:
@@ -81,8 +101,7 @@ def test_image_holds_the_boot_menu_and_parts(image, medium):
     for path in (iso.XEN, iso.KERNEL, iso.INITRD, iso.SYSTEM_SQUASHFS, iso.PRODUCT_SQUASHFS,
                  "/xenubuntu/manifest.yaml", "/xenubuntu/pool/vmlinuz", "/boot/grub/grub.cfg"):
         assert path in files, path
-    cfg = subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(image.iso), "-extract", "/boot/grub/grub.cfg",
-                          "/dev/stdout"], capture_output=True, text=True, check=True).stdout
+    cfg = _cfg(image)
     mastered = (medium / iso.GRUB_CFG).read_text()
     # every entry of the medium's menu, in its order, each line kept (words only added)
     assert _menu_entries(cfg) == _menu_entries(mastered)
@@ -157,9 +176,6 @@ def _wait_state(m: Machine, flavour: str, want: str, timeout: float = 600) -> tu
     raise AssertionError(f"{flavour}: {state} ({reason}), not {want}\n{journal}")
 
 
-def _cfg(image) -> str:
-    return subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(image.iso), "-extract", "/boot/grub/grub.cfg",
-                           "/dev/stdout"], capture_output=True, text=True, check=True).stdout
 
 
 def test_default_entry_boots_xen_and_runs_the_default_session(image):
@@ -207,3 +223,21 @@ def test_restore_off_restores_nothing_and_a_bad_option_is_a_warning(image):
         for f in ("kubuntu", "ubuntu", "xubuntu", "server"):
             assert '"available"' in _prop(m, f"{MANAGER}/session/{f}", "Session", "State"), f
         assert "kubuntu" not in m.shell("xl list")
+
+
+def test_plain_entry_boots_without_xen_and_restores_a_qemu_flavour(qemu_image):
+    cfg = _cfg(qemu_image)
+    with Machine(qemu_image.iso, "plain-default") as m:
+        _choose(m, cfg, entry_id("kvm", "kubuntu"))
+        _login(m)
+        assert m.shell("test -e /proc/xen/capabilities && echo XEN || echo NO-XEN").strip() == "NO-XEN"
+        assert "xenubuntu.flavour=kubuntu" in m.shell("cat /proc/cmdline")
+        state, t_running = _wait_state(m, "kubuntu", "running")
+        assert '"qemu"' in _prop(m, MANAGER, "Manager", "Backend")
+        reason = _prop(m, f"{MANAGER}/session/kubuntu", "Session", "StateReason")
+        assert "restored" in reason, reason  # from the statefile on the DVD, not cold-booted
+        stages = {name: m.when(rx) for name, rx in STAGES.items() if not name.startswith(("xen", "dom0"))}
+        stages["session_running"] = round(t_running, 1)
+        stages["state_reason"] = reason
+        stages["systemd_analyze"] = m.shell("systemd-analyze")
+        _record("boot_plain_default", stages)

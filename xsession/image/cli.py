@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--deb", type=Path, action="append", default=[],
                      help="a .deb of the product to install in dom0 (repeat for several)")
     src.add_argument("--source", type=Path, help="build the product's .deb from this source tree first")
+    p.add_argument("--python-module", type=Path, action="append", default=[], metavar="FOLDER",
+                   help="a pure-Python package Debian does not have, copied into dom0 (e.g. the folder "
+                        "qemu of qemu.qmp, which the QEMU backend needs)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"the step cache (default {DEFAULT_CACHE})")
     p.add_argument("--mirror", default=dom0.MIRROR, help="Debian archive")
     p.add_argument("--security-mirror", default=dom0.SECURITY_MIRROR, help="Debian security archive")
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         dom0=" ".join(filter(None, [SERIAL_DOM0 if args.serial else "", kernel_tcg, args.dom0_args])),
         plain=" ".join(filter(None, [SERIAL_PLAIN if args.serial else "", kernel_tcg, args.plain_args])),
         serial=args.serial)
-    opts = dom0.Options(mirror=args.mirror, security_mirror=args.security_mirror, root_shell=args.root_shell)
+    opts = dom0.Options(mirror=args.mirror, security_mirror=args.security_mirror, root_shell=args.root_shell,
+                         python_modules=tuple(args.python_module))
     try:
         with tempfile.TemporaryDirectory(prefix="xsession-image-debs-") as tmp:
             debs = args.deb

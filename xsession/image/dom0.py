@@ -66,6 +66,9 @@ class Options:
     security_mirror: str = SECURITY_MIRROR
     root_shell: bool = False  # a root shell without password on the serial consoles (for tests)
     extra_packages: tuple[str, ...] = ()
+    #: pure-Python packages Debian does not have (qemu.qmp for the QEMU backend): folders
+    #: copied to /usr/local/lib/python3.X/dist-packages, as ``pip install`` would put them
+    python_modules: tuple[Path, ...] = ()
 
 
 def deb_depends(deb: Path) -> list[str]:
@@ -207,24 +210,41 @@ INITRD = ("find /boot -name 'initrd.img-*' -newer /etc/initramfs-tools/scripts/c
           "|| update-initramfs -u -k all")
 
 
+def _tree_files(folder: Path) -> list[object]:
+    """A folder's files and their contents, for a key (compiled files left out)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return [item for p in files for item in (str(p.relative_to(folder)), p)]
+
+
+PY_MODULES = ("d=$(python3 -c 'import sys; print(\"/usr/local/lib/python3.%d/dist-packages\" % sys.version_info[1])')"
+              " && mkdir -p $d && cp -r /run/xenubuntu-py/. $d/ && find $d -name __pycache__ -prune -exec rm -rf {} +")
+
+
 def product(cache: StepCache, sysout: Output, debs: list[Path], opts: Options) -> Output:
     """The ``dom0-product`` step: the .debs and the image's settings, as an overlay layer."""
     commands = _configure_commands(opts)
-    key = key_of([PRODUCT_RECIPE, sysout.key, *commands, INITRD, *debs])
+    modules = [m.resolve() for m in opts.python_modules]
+    if modules:
+        commands.append(PY_MODULES)
+    key = key_of([PRODUCT_RECIPE, sysout.key, *commands, INITRD, *debs,
+                  *(item for m in modules for item in (m.name, *_tree_files(m)))])
     kernel = sysout.record["kernel"]
 
     def build(ctx: StepContext) -> dict:
         work = ctx.out / "work"
-        for d in ("upper", "ovl", "merged", "debs"):
+        for d in ("upper", "ovl", "merged", "debs", "py"):
             (work / d).mkdir(parents=True)
         for d in debs:
             shutil.copy2(d, work / "debs" / d.name)
+        for m in modules:
+            shutil.copytree(m, work / "py" / m.name, ignore=shutil.ignore_patterns("__pycache__"))
         inside = ["/run/xenubuntu-debs/" + d.name for d in debs]
         chroot.run(ctx, work / "merged",
                    [*commands, "apt-get install -y -q " + " ".join(map(shlex.quote, inside)), INITRD],
                    what="install the product and configure", debs=None,
                    overlay=(sysout.path / "rootfs", work / "upper", work / "ovl"),
-                   binds=[(work / "debs", "/run/xenubuntu-debs")], timeout=1800)
+                   binds=[(work / "debs", "/run/xenubuntu-debs"), (work / "py", "/run/xenubuntu-py")],
+                   timeout=1800)
         upper = work / "upper"
         initrd = upper / "boot" / f"initrd.img-{kernel}"
         if not initrd.exists():
@@ -232,8 +252,8 @@ def product(cache: StepCache, sysout: Output, debs: list[Path], opts: Options) -
         shutil.copy2(initrd, ctx.out / "initrd")
         # the mount points of the chroot's own mounts are empty folders in the upper layer
         _squash(ctx, upper, ctx.out / "xenubuntu.squashfs", "mksquashfs (product layer)",
-                ["run/xenubuntu-debs"])
+                ["run/xenubuntu-debs", "run/xenubuntu-py"])
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=True)
-        return {"kernel": kernel, "debs": [d.name for d in debs]}
+        return {"kernel": kernel, "debs": [d.name for d in debs], "python_modules": [m.name for m in modules]}
 
     return cache.step("dom0-product", key, build)
