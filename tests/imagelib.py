@@ -175,6 +175,12 @@ class Machine:
                     raise BootError(f"{why}; log {self.log_path}; last lines:\n{self.tail()}")
                 self._cond.wait(timeout=min(left, 1.0))
 
+    def expect_any(self, pattern: str) -> re.Match[str] | None:
+        """The first line so far matching ``pattern`` (consumed or not), or None."""
+        rx = re.compile(pattern)
+        with self._cond:
+            return next((m for _, line in self.lines if (m := rx.search(line))), None)
+
     def when(self, pattern: str) -> float | None:
         """Seconds since QEMU started when a line first matched ``pattern``."""
         rx = re.compile(pattern)

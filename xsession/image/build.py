@@ -32,7 +32,7 @@ def _size(path: Path) -> int:
 
 
 def build_image(medium: Path, debs: list[Path], out: Path, *, cache_dir: Path = DEFAULT_CACHE,
-                opts: dom0.Options = dom0.Options(), extra: iso.Extra = iso.Extra(),
+                opts: dom0.Options | None = None, extra: iso.Extra | None = None,
                 report: Report = print) -> Result:
     """Build ``out`` (a hybrid ISO) from the medium at ``medium`` and the product's ``debs``.
 
@@ -41,6 +41,8 @@ def build_image(medium: Path, debs: list[Path], out: Path, *, cache_dir: Path = 
     :raises StepError: a step failed (the message ends with its log).
     """
     t0 = time.monotonic()
+    opts = opts or dom0.Options()
+    extra = extra or iso.Extra()
     load_manifest(medium / MANIFEST_RELPATH)  # refuse a medium the manager would refuse
     menu = (medium / iso.GRUB_CFG).read_text(encoding="utf-8")
     debs = [d.resolve() for d in debs]

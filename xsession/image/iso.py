@@ -58,12 +58,13 @@ def _words(line: str) -> list[str]:
         raise BootMenuError(f"cannot read the boot menu line {line.strip()!r}: {e}") from None
 
 
-def boot_menu(text: str, on_image: Mapping[str, object], extra: Extra = Extra()) -> str:
+def boot_menu(text: str, on_image: Mapping[str, object], extra: Extra | None = None) -> str:
     """The image's grub.cfg: the medium's menu, its files checked, the extra words added.
 
     :raises BootMenuError: an entry loads a file that is not in ``on_image``,
         or the menu has no entry at all.
     """
+    extra = extra or Extra()
     out = [SERIAL_PRELUDE] if extra.serial else []
     entries = 0
     in_xen_entry = False

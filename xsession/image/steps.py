@@ -91,7 +91,7 @@ def tail(log: Path, lines: int = 25) -> str:
 def _files(folder: Path) -> dict[str, int]:
     """Every regular file below ``folder`` (symbolic links not followed) with its size."""
     out: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, _dirnames, filenames in os.walk(folder):
         for n in filenames:
             p = Path(dirpath, n)
             if p.is_symlink() or not p.is_file():
