@@ -160,7 +160,7 @@ def test_a_second_build_is_all_cached(image, medium, tmp_path):
 
 def _choose(m: Machine, cfg: str, entry: str, edit_kernel_line: str = "") -> None:
     """Pick ``entry`` in GRUB's menu (down from the default, the first), optionally adding words
-    to its kernel line (the second line of a Xen entry) in GRUB's editor, and boot it."""
+    to its kernel line (the third in GRUB's editor: setparams, multiboot2, module2), and boot it."""
     m.expect(STAGES["grub"], 120, partial=True)
     time.sleep(1.5)
     index = _menu_entries(cfg).index(entry)
@@ -168,7 +168,7 @@ def _choose(m: Machine, cfg: str, entry: str, edit_kernel_line: str = "") -> Non
     if edit_kernel_line:
         m.send("e", pace=0.5)
         time.sleep(1)
-        m.send("\x0e\x05", pace=0.5)  # next line, end of line
+        m.send("\x0e\x0e\x05", pace=0.5)  # past "setparams" and multiboot2; end of line
         m.send(" " + edit_kernel_line, pace=0.05)
         time.sleep(0.5)
         m.send("\x18")  # Ctrl-X: boot
