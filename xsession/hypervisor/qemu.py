@@ -468,8 +468,14 @@ class QemuBackend:
         return QEMU_OVERHEAD_MIB + extra
 
     # -- launching ---------------------------------------------------------------
-    def _prepare(self, flavour: Flavour, manifest: Manifest, rundir: Path) -> tuple[Path | None, Path | None]:
+    def _prepare(self, flavour: Flavour, manifest: Manifest, rundir: Path,
+                 cold: bool = False) -> tuple[Path | None, Path | None]:
         """A clean run folder and a fresh session overlay over the medium's disk.
+
+        A restore runs over the disk as it was saved (it matches the saved RAM). A cold
+        boot of an installed system (``source: disk``) runs over its clean base instead:
+        the saved disk holds a file system that was mounted when it was saved, whose
+        check at boot may ask for a reboot (which ``-no-reboot`` makes a failure).
 
         Returns the overlay and, when it was copied from the medium's template,
         the backing file QEMU must be told about.
@@ -480,12 +486,13 @@ class QemuBackend:
             (rundir / stale).unlink(missing_ok=True)
         if flavour.disk is None or flavour.machine.disk_bus == "none":
             return None, None
-        backing = manifest.resolve(flavour.disk.saved_overlay or flavour.disk.base)
+        from_base = cold and flavour.source == "disk"
+        backing = manifest.resolve(flavour.disk.base if from_base else flavour.disk.saved_overlay or flavour.disk.base)
         if not backing.is_file():
             raise MediumUnavailable(str(backing), "the flavour's disk is missing from the medium")
         check_chain(backing, manifest.root)  # every file QEMU would open stays on the medium
         overlay = rundir / "disk.qcow2"
-        if flavour.disk.session_template is not None:
+        if flavour.disk.session_template is not None and not from_base:
             template = manifest.resolve(flavour.disk.session_template)
             check_chain(template, manifest.root)
             try:
@@ -628,7 +635,7 @@ class QemuBackend:
         for rel in (cb.kernel, cb.initrd, flavour.iso):
             if rel is not None and not manifest.resolve(rel).is_file():
                 raise MediumUnavailable(str(manifest.resolve(rel)), "needed for a cold boot but missing")
-        disk = self._prepare(flavour, manifest, rundir)
+        disk = self._prepare(flavour, manifest, rundir, cold=True)
         accel = accel or self._accel_for(flavour, manifest)
         guest = self._launch(flavour, manifest, rundir, disk, accel=accel, mode="boot")
         try:
