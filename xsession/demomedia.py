@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import inspect
 import os
 import shutil
@@ -107,15 +108,20 @@ def _mastering_key(spec: Path, builds: dict[str, Path]) -> str:
     return h.hexdigest()[:12]
 
 
+def _sizes(medium: Path) -> dict[str, int]:
+    return {str(p.relative_to(medium)): p.stat().st_size for p in sorted(medium.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
 def _valid(medium: Path) -> bool:
-    """Complete (the stamp is written last) and the manifest's statefiles are all there."""
-    if not (medium / COMPLETE).is_file():
-        return False
+    """Complete (the stamp, written last, lists every file and its size) and unchanged
+    since: a file damaged in place, or one that a link shares with a damaged build, is seen."""
     try:
+        recorded = json.loads((medium / COMPLETE).read_text())
         manifest = load_manifest(medium / MANIFEST_RELPATH)
-        return all(f.statefile is not None and manifest.resolve(f.statefile.path).stat().st_size == f.statefile.size
-                   for f in manifest.flavours)
-    except (XSessionError, OSError):
+        return (isinstance(recorded, dict) and recorded.get("files") == _sizes(medium)
+                and all(f.statefile is not None for f in manifest.flavours))
+    except (XSessionError, OSError, ValueError):
         return False
 
 
@@ -149,7 +155,7 @@ def ensure_desktop_medium(report: Report = print, spec: Path = DEMO / "desktops.
             out = work / "medium"
             report("mastering the desktop medium (each flavour boots once, settles and is saved) ...")
             master_medium(load_spec(spec), guests, out, jobs=1, report=lambda line: report("  " + line))
-            (out / COMPLETE).write_text(key + "\n")
+            (out / COMPLETE).write_text(json.dumps({"key": key, "files": _sizes(out)}, indent=1))
             out.rename(medium)
         finally:
             shutil.rmtree(work, ignore_errors=True)

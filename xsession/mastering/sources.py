@@ -129,14 +129,22 @@ def built_flavour(build: BuiltFlavour, priority: int, memory_mib: int | None, vc
     )
 
 
+#: files at least this big are hard-linked onto the medium where the file system allows
+LINK_MIN_BYTES = 64 << 20
+
+
 def place(src: Path, dest: Path) -> None:
-    """Put a big read-only file onto the medium: a hard link where the file system
-    allows (the build cache and the medium often share one), else a copy."""
+    """Put a read-only file onto the medium: a big one (a disk image, an ISO) as a hard
+    link where the file system allows (the build cache and the medium often share one),
+    a small one (a kernel, an initrd) as a copy of its own, else a copy."""
     dest.unlink(missing_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
+    if src.stat().st_size >= LINK_MIN_BYTES:
+        try:
+            os.link(src, dest)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dest)
 
 
 def disk_layers(fdir: Path, base_size_mib: int | None = None, base_image: Path | None = None) -> None:
