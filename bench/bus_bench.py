@@ -39,7 +39,7 @@ from gi.repository import Gio, GLib
 
 from xsession.bootopts import parse_cmdline
 from xsession.engine import Engine, State
-from xsession.demo import ensure_demo_medium
+from xsession.demomedia import ensure_demo_medium
 from xsession.privatebus import system_like_config
 from xsession.hypervisor.qemu import QemuBackend
 from xsession.manifest import MANIFEST_RELPATH, load_manifest

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.mediumsim import PROFILES, Stats, make_image, slow_medium  # noqa: E402
-from xsession.demo import ensure_demo_medium  # noqa: E402
+from xsession.demomedia import ensure_demo_medium  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend  # noqa: E402
 from xsession.manifest import MANIFEST_RELPATH, load_manifest  # noqa: E402
 from xsession.statefile import CHUNK, Feeder  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.benchlib import cold_boot  # noqa: E402
 from tests.guestlib import ask  # noqa: E402
-from xsession.demo import CACHE, DEMO  # noqa: E402
+from xsession.demomedia import CACHE, DEMO  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest, qemu_argv  # noqa: E402
 from xsession.manifest import MANIFEST_RELPATH, load_manifest  # noqa: E402
 from xsession.mastering.master import FlavourSpec, MediumSpec, load_spec, master_medium  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from xsession.demo import ensure_demo_medium
+from xsession.demomedia import ensure_demo_medium
 from xsession.manifest import MANIFEST_RELPATH, Manifest, load_manifest
 
 from .guestlib import qemu_pids_under
@@ -40,9 +40,14 @@ def medium(demo_medium: Path, tmp_path: Path) -> Path:
     """A private copy of the demo medium that a test may damage: hard links for
     everything, so a test must replace (not modify in place) a file it damages;
     :func:`guestlib.damage` does that."""
-    copy = tmp_path / "medium"
-    shutil.copytree(demo_medium, copy, copy_function=os.link)
-    return copy
+    return linked_copy(demo_medium, tmp_path / "medium")
+
+
+def linked_copy(medium: Path, dest: Path) -> Path:
+    """A copy of a medium made of hard links: cheap, and a test that damages a file
+    replaces it (:func:`guestlib.damage`), so the original stays whole."""
+    shutil.copytree(medium, dest, copy_function=os.link)
+    return dest
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ file on a fresh machine takes several minutes, later ones start at once.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from xsession.mastering.master import MASTERING_VMGENID
 from xsession.screen import colours, read_png, same_picture, to_png
 from xsession.statefile import sha256_of
 
-from .conftest import ARTIFACTS
+from .conftest import ARTIFACTS, linked_copy
 from .guestlib import damage
 
 FLAVOURS = ("xubuntu", "lubuntu", "server")
@@ -43,9 +41,7 @@ def desktop_medium() -> Path:
 @pytest.fixture
 def dmedium(desktop_medium: Path, tmp_path: Path) -> Path:
     """A private copy (hard links) of the desktop medium that a test may damage."""
-    copy = tmp_path / "dmedium"
-    shutil.copytree(desktop_medium, copy, copy_function=os.link)
-    return copy
+    return linked_copy(desktop_medium, tmp_path / "dmedium")
 
 
 @pytest.fixture

@@ -324,7 +324,7 @@ def _argv_of(view) -> list[str]:
 
 @pytest.mark.kvm
 def test_a_flavour_mastered_under_kvm_restores_under_kvm(tmp_path, runtime_dir):
-    from xsession.demo import CACHE, DEMO
+    from xsession.demomedia import CACHE, DEMO
     from xsession.mastering.master import load_spec, master_medium
     spec = load_spec(DEMO / "flavours.yaml")
     spec = type(spec)(default="server", flavours=tuple(f for f in spec.flavours if f.name == "server"),

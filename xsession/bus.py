@@ -552,9 +552,7 @@ class SessionsService:
 
         def run(allowed: bool) -> None:
             try:
-                png, kind = engine.picture(name, max_width) if allowed else (b"", "")
-                if not png and not allowed:
-                    png, kind = _still_only(engine, name)
+                png, kind = engine.picture(name, max_width, live=allowed)
                 invocation.return_value(GLib.Variant("(ays)", (png, kind)))
             except Exception as e:
                 _return_error(invocation, e)
@@ -606,17 +604,6 @@ class SessionsService:
             return {}
         return {session_path(v.name): {SESSION_IFACE: self._typed(SESSION_IFACE, _session_properties(v))}
                 for v in self.engine.sessions()}
-
-
-def _still_only(engine: Engine, name: str) -> tuple[bytes, str]:
-    """The still of a flavour, for a caller who may not see its live screen."""
-    still = engine.manifest.flavour(name).still
-    if still is None:
-        return b"", ""
-    try:
-        return engine.manifest.resolve(still).read_bytes(), "still"
-    except (OSError, XSessionError):
-        return b"", ""
 
 
 def _activate_options(options: GLib.Variant) -> dict[str, Any]:

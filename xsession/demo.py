@@ -24,13 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .demomedia import CACHE, DEMO, REAL_FLAVOURS, REPO, ensure_demo_medium, ensure_desktop_medium, \
-    ensure_real_flavour
+from .demomedia import ensure_demo_medium, ensure_desktop_medium
 from .errors import XSessionError
 from .privatebus import system_like_config
 
-__all__ = ["CACHE", "DEMO", "REPO", "REAL_FLAVOURS", "ensure_demo_medium", "ensure_real_flavour",
-           "ensure_desktop_medium", "main"]
+__all__ = ["main"]
 
 BOOT_CMDLINE = "xenubuntu.flavour=kubuntu xenubuntu.restore=lazy"
 DESKTOPS_CMDLINE = "xenubuntu.flavour=xubuntu xenubuntu.restore=lazy"

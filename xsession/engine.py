@@ -642,14 +642,14 @@ class Engine:
         shutil.rmtree(self._rundir(name), ignore_errors=True)
         return self.activate(name)
 
-    def picture(self, name: str, max_width: int = 0) -> tuple[bytes, str]:
-        """What the flavour looks like: its running guest's screen now (``live``), else the
-        still saved at mastering (``still``), else nothing. Slow (a screendump): call it
-        outside the main loop.
+    def picture(self, name: str, max_width: int = 0, live: bool = True) -> tuple[bytes, str]:
+        """What the flavour looks like: its running guest's screen now (``live``, unless
+        ``live`` is False), else the still saved at mastering (``still``), else nothing.
+        Slow (a screendump): call it outside the main loop.
         """
         with self._lock:
             s = self._get(name)
-            guest = s.guest if s.state in (S.RUNNING, S.PAUSED) else None
+            guest = s.guest if live and s.state in (S.RUNNING, S.PAUSED) else None
             still = s.flavour.still
         if guest is not None and hasattr(guest, "picture"):
             try:

@@ -208,7 +208,7 @@ class QemuGuest:
         self.channel: ChannelReader | None = None
         #: what happened after a restore that a person should know (the clock, the network)
         self.note = ""
-        self._picture_cache: dict[int, tuple[float, bytes]] = {}
+        self._last_screen: tuple[float, Picture | None] = (0.0, None)
         self._watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
         self._watcher.start()
 
@@ -225,13 +225,11 @@ class QemuGuest:
         """The screen now as a PNG, at most ``max_width`` wide (0: full size); a new one at
         most once a second (front-ends may ask often, a screendump costs QEMU a frame)."""
         now = time.monotonic()
-        cached = self._picture_cache.get(max_width)
-        if cached is not None and now - cached[0] < PICTURE_INTERVAL_S:
-            return cached[1]
-        picture = self.screendump()
-        png = to_png(thumbnail(picture, max_width) if max_width else picture)
-        self._picture_cache[max_width] = (now, png)
-        return png
+        taken, picture = self._last_screen  # one kept, whatever widths callers ask for
+        if picture is None or now - taken >= PICTURE_INTERVAL_S:
+            picture = self.screendump()
+            self._last_screen = (now, picture)
+        return to_png(thumbnail(picture, max_width) if max_width else picture)
 
     def screendump(self) -> Picture:
         """The guest's display now. :raises HypervisorError: QEMU could not take it."""

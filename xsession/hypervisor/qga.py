@@ -94,10 +94,6 @@ class GuestAgent:
             raise AgentError(f"{command}: a reply without a result")
         return reply["return"]
 
-    def set_time(self, ns: int | None = None) -> None:
-        """Set the guest's clock (system time) to ``ns`` since the epoch, now by default."""
-        self.execute("guest-set-time", {"time": time.time_ns() if ns is None else ns})
-
     def run(self, argv: list[str], timeout: float = 30.0) -> tuple[int, bytes, bytes]:
         """Run a command in the guest; its exit status and (bounded) output.
 
