@@ -565,20 +565,28 @@ class QemuBackend:
         finally:
             os.close(read_fd)  # QEMU has its own copy
         try:
+            failure: HypervisorError | None = None
             try:
                 guest.connect(max(1.0, deadline - time.monotonic()))
                 loaded = self._wait_loaded(guest, deadline, feeder, self._aborting)
             except HypervisorError as e:
+                if self._aborting.is_set():
+                    raise
                 if not guest.wait_exit(2.0):
                     if time.monotonic() >= deadline:
                         raise TimeoutError(str(e)) from None  # reported as the watchdog's
-                    raise
+                    # QEMU is stuck (or slow to exit under load): end it, and let the
+                    # feed, which reads the file to its end, judge the statefile first
+                    guest.stop()
+                    failure = e
                 loaded = False  # QEMU refused the stream: its words are in exit_reason
             result = feeder.result(max(1.0, deadline - time.monotonic()))
             if result.medium_error is not None:
                 raise MediumUnavailable(str(path), f"reading the statefile failed: {result.medium_error}")
             if result.problem is not None:
                 raise StatefileCorrupt(str(path), result.problem)
+            if failure is not None:
+                raise failure
             if not loaded:
                 raise HypervisorError(f"restore {flavour.name}", guest.exit_reason or "QEMU did not load the stream")
             guest.resume()
