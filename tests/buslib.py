@@ -239,7 +239,12 @@ class Daemon:
 
 def start_daemon(address: str, runtime_dir: Path, medium: Path, cmdline: str, *, stop_guests: bool = True,
                  extra: tuple[str, ...] = (), env_extra: dict[str, str] | None = None) -> Daemon:
-    """xsessiond as the unit would run it, but on the private bus; not yet ready when it returns."""
+    """xsessiond as the unit would run it, but on the private bus; not yet ready when it returns.
+
+    Same-page merging is a machine-wide setting, and the suite runs many daemons side by
+    side: each runs with ``xenubuntu.share=off`` unless its command line says otherwise."""
+    if "xenubuntu.share=" not in cmdline:
+        cmdline += " xenubuntu.share=off"
     index = len(list(runtime_dir.glob("xsessiond-*.log")))
     log = runtime_dir / f"xsessiond-{index}.log"
     sock_path = runtime_dir / f"notify-{index}.sock"

@@ -126,6 +126,16 @@ def private_bus(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
+def client(private_bus: str):
+    """A client of the private bus (a GDBus connection of the test's own)."""
+    from .buslib import Client
+
+    c = Client(private_bus)
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def polkitd(private_bus: str, tmp_path: Path) -> Iterator[str]:
     """The real polkitd on the private bus, knowing our actions and one test rule
     (``buslib.HELPER_USER`` may manage sessions). Yields the bus address."""

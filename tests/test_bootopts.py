@@ -25,7 +25,7 @@ from xsession.bootopts import (
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 names = st.from_regex(NAME, fullmatch=True)
-keys = st.sampled_from(["flavour", "restore", "reserve", "sessions", "medium", "bogus", "Restore"])
+keys = st.sampled_from(["flavour", "restore", "reserve", "sessions", "medium", "share", "bogus", "Restore"])
 values = st.one_of(
     st.sampled_from(["eager", "lazy", "off", "OFF", "Lazy", "", "512M", "1G", "2048", "0", "-1", "/cdrom", "x,y"]),
     names,
@@ -90,6 +90,7 @@ def test_single_quotes_and_backslashes_are_plain_characters() -> None:
     ("xenubuntu.sessions=,,", "sessions"),
     ("xenubuntu.sessions=Bad!", "sessions"),
     ("xenubuntu.medium=cdrom", "medium"),
+    ("xenubuntu.share=yes", "share"),
     ("xenubuntu.restore", "restore"),
     ("xenubuntu.restore=", "restore"),
 ])
@@ -142,6 +143,7 @@ def test_no_command_line_makes_it_raise_and_results_are_valid(cmdline: str) -> N
     assert opts.sessions is None or (opts.sessions and all(NAME.fullmatch(n) for n in opts.sessions))
     assert opts.reserve_mib is None or opts.reserve_mib >= 1
     assert opts.medium is None or opts.medium.startswith("/")
+    assert opts.share in ("auto", "off")
 
 
 @given(st.lists(st.sampled_from(["eager", "lazy", "off", "EAGER", "Off", "never", ""]), min_size=1, max_size=6),

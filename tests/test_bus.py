@@ -13,24 +13,16 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
 from gi.repository import GLib
 
 from xsession.bus import introspection_xml
 
-from .buslib import (BUS_NAME, ERROR, HELPER_USER, MANAGER_IFACE, MANAGER_PATH, NOBODY, SESSION_IFACE, Client,
-                     Signals, busctl, ctl, gdbus)
+from .buslib import (BUS_NAME, ERROR, HELPER_USER, MANAGER_IFACE, MANAGER_PATH, NOBODY, SESSION_IFACE, Signals,
+                     busctl, ctl, gdbus)
 from .guestlib import ask, qemu_pids_under
 
 KUBUNTU = f"{MANAGER_PATH}/session/kubuntu"
 UBUNTU = f"{MANAGER_PATH}/session/ubuntu"
-
-
-@pytest.fixture
-def client(private_bus: str):
-    c = Client(private_bus)
-    yield c
-    c.close()
 
 
 def _members(xml: str) -> dict[str, set[str]]:

@@ -14,21 +14,13 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
 from gi.repository import GLib
 
 from xsession.bus import introspection_xml
 from xsession.sdnotify import Notifier
 
-from .buslib import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, SESSION_IFACE, Client, gdbus
+from .buslib import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, SESSION_IFACE, gdbus
 from .guestlib import qemu_pids_under
-
-
-@pytest.fixture
-def client(private_bus: str):
-    c = Client(private_bus)
-    yield c
-    c.close()
 
 
 def test_the_notifier_never_blocks_when_nobody_reads(tmp_path: Path):

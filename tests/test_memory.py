@@ -325,3 +325,16 @@ def test_on_xen_a_request_that_fits_only_after_ballooning_sets_dom0s_target_firs
     fit_check(lambda: host, DEMO, BootOptions(restore=RestorePolicy.OFF), 64, "qemu", balloon=targets.append)(
         DEMO[0], {})
     assert len(targets) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(inputs(), st.integers(min_value=-10, max_value=1 << 20))
+def test_merged_pages_are_shown_but_never_spent_on_a_session(args: dict, shared: int) -> None:
+    """KSM's saving is measured, and a write un-merges a page: a plan that counted it
+    could admit a session the host cannot hold once the guests diverge."""
+    without, with_sharing = plan(**args), plan(**args, shared_mib=shared)
+    assert with_sharing.decisions == without.decisions
+    assert with_sharing.available_mib == without.available_mib
+    assert with_sharing.shared_mib == max(0, shared) == with_sharing.as_dict()["shared_mib"]
+    if shared > 0:
+        assert f"shared {shared} MiB" in explain(with_sharing)

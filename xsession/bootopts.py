@@ -43,6 +43,8 @@ class BootOptions:
     reserve_mib: int | None = None
     sessions: tuple[str, ...] | None = None
     medium: str | None = None
+    #: ``auto``: identical pages of the sessions are merged (KSM) where the host can; ``off``: never
+    share: str = "auto"
     warnings: tuple[str, ...] = ()
 
     def with_warnings(self, *more: str) -> BootOptions:
@@ -144,6 +146,11 @@ def parse_cmdline(cmdline: str) -> BootOptions:
                 opts = replace(opts, medium=value)
             else:
                 warnings.append(f"boot option {shown}: expected an absolute path; searching the usual places")
+        elif key == "share":
+            if value.lower() in ("auto", "off"):
+                opts = replace(opts, share=value.lower())
+            else:
+                warnings.append(f"boot option {shown}: expected auto or off; using auto")
         else:
             warnings.append(f"unknown boot option {shown}; ignored")
     return opts.with_warnings(*warnings)

@@ -28,13 +28,14 @@ from typing import Any
 
 from gi.repository import Gio, GLib
 
-from . import __version__, memory, scheduler
+from . import __version__, memory, scheduler, sharing
 from .bootopts import DEFAULT_MEDIA, BootOptions, parse_cmdline
 from .bus import API_VERSION, BUS_NAME, Authorizer, SessionsService
 from .engine import Engine, State
 from .errors import MediumUnavailable, XSessionError
 from .manifest import MANIFEST_RELPATH, Manifest, load_manifest
 from .sdnotify import Notifier
+from .sharing import Ksm, SharingDecision
 
 __all__ = ["DaemonConfig", "Daemon", "find_medium_root", "main"]
 
@@ -117,6 +118,8 @@ class Daemon:
         self._status = ""
         self._notifier = Notifier()
         self._lock_fd: int | None = None
+        self._ksm = Ksm()
+        self.sharing = SharingDecision(False, "no sessions")
 
     # -- start-up --------------------------------------------------------------------
     def _read_medium(self) -> None:
@@ -147,6 +150,7 @@ class Daemon:
                                             overhead=self.backend.overhead_mib, backend=self.backend.name,
                                             balloon=getattr(self.backend, "balloon_dom0", None))
         self.engine = engine
+        self.sharing = sharing.decide(engine.options.share, self.backend.name, self._ksm.available())
 
     def _detect_hardware(self, root: Path) -> None:
         try:
@@ -245,9 +249,11 @@ class Daemon:
         mem: dict[str, Any] = {}
         if engine is not None and only in (None, "Memory"):
             try:
+                shared = self._ksm.stats().saved_mib if self.sharing.enabled else 0
                 mem = memory.plan(self.backend.host_memory(), engine.flavours, engine.options,
                                   engine.running_memory(), overhead=self.backend.overhead_mib,
-                                  backend=self.backend.name).as_dict()
+                                  backend=self.backend.name, shared_mib=shared).as_dict()
+                mem["sharing"] = ("on: " if self.sharing.enabled else "off: ") + self.sharing.reason
             except (ValueError, XSessionError) as e:
                 mem = {"error": str(e)}
         return {
@@ -348,6 +354,7 @@ class Daemon:
             return 1
         self._watch_udev()
         self._watch_medium_folder()
+        self._start_sharing()
         if self.engine is not None:
             self.engine.start()
         self._status = self._status_line()
@@ -359,6 +366,18 @@ class Daemon:
         self.loop.run()
         self._end(con)
         return 0
+
+    def _start_sharing(self) -> None:
+        """Let the host merge the sessions' identical pages, when decided so (before any guest)."""
+        if not self.sharing.enabled:
+            log.info("memory sharing off: %s", self.sharing.reason)
+            return
+        try:
+            self._ksm.enable()
+        except OSError as e:
+            self.sharing = SharingDecision(False, f"cannot turn on same-page merging: {e}")
+            self.warnings.append(self.sharing.reason)
+            log.warning("%s", self.sharing.reason)
 
     def _on_signal(self, signum: int) -> bool:
         log.info("%s: %s", signal.Signals(signum).name,
@@ -375,6 +394,7 @@ class Daemon:
             self._monitor.close()
         if self.engine is not None:
             self.engine.shutdown(stop_guests=self.config.stop_guests_on_exit if stop_guests is None else stop_guests)
+        self._ksm.restore()
         try:
             con.flush_sync(None)
         except GLib.Error:

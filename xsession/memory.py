@@ -161,6 +161,9 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     #: every offered flavour's priority, running ones included (for choosing what to stop)
     priorities: tuple[tuple[str, int], ...] = field(default=())
+    #: memory the host has merged between the sessions' pages (KSM), as measured: shown,
+    #: never counted in ``available_mib``, since any write to a merged page un-merges it
+    shared_mib: int = 0
 
     @property
     def running_mib(self) -> int:
@@ -234,6 +237,7 @@ class Plan:
             "background": list(self.background),
             "balloon": self.balloon_target_mib is not None,
             "balloon_target_mib": self.balloon_target_mib if self.balloon_target_mib is not None else 0,
+            "shared_mib": self.shared_mib,
         }
         return out
 
@@ -282,6 +286,7 @@ def plan(
     running: Mapping[str, int] | None = None,
     overhead: Overhead = 0,
     backend: str = "qemu",
+    shared_mib: int = 0,
 ) -> Plan:
     """Decide what to restore now, later and never.
 
@@ -295,6 +300,7 @@ def plan(
     :param overhead: per-guest memory beyond the guest's RAM
         (``Backend.overhead_mib``), a figure, or figures by name.
     :param backend: ``qemu`` or ``xen``; only Xen gets a dom0 balloon target.
+    :param shared_mib: what the host has merged between sessions (measured); reported only.
     :raises ValueError: an unknown backend, a negative size, or two flavours with one name.
     """
     if backend not in BACKENDS:
@@ -403,6 +409,7 @@ def plan(
         balloon_target_mib=balloon,
         notes=tuple(notes),
         priorities=tuple((f.name, f.priority) for f in ordered),
+        shared_mib=max(0, shared_mib),
     )
 
 
@@ -513,5 +520,8 @@ def explain(plan: Plan) -> str:
     if plan.balloon_target_mib is not None:
         lines.append(f"dom0 balloon target {plan.balloon_target_mib} MiB "
                      f"(hypervisor free {plan.host_free_mib} MiB)")
+    if plan.shared_mib:
+        lines.append(f"shared {plan.shared_mib} MiB: pages the host merged between sessions (measured; not "
+                     f"counted as available, a write un-merges a page)")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"
