@@ -48,6 +48,7 @@ from .qga import AgentError, GuestAgent
 from ..screen import Picture, colours, digest, read_ppm, settled, thumbnail, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import ExitCallback, HostMemory, Progress
+from .bootstub import boot_files_for_restore
 from .console import wait_for_text
 from .qmp import QMP
 
@@ -412,14 +413,18 @@ class QemuBackend:
 
     name = "qemu"
 
-    def __init__(self, binary: str = QEMU_BINARY, vmgenid_guid: str = "auto", freshen: bool = True):
+    def __init__(self, binary: str = QEMU_BINARY, vmgenid_guid: str = "auto", freshen: bool = True,
+                 boot_stub: bool = True):
         """``vmgenid_guid``: the VM generation ID a guest gets; ``auto``, a new one each
         time, is what makes every restored guest reseed its random generator.
         ``freshen``: set a restored guest's clock and renew its network (off only to
-        measure QEMU alone, or to show what a restore without it leaves)."""
+        measure QEMU alone, or to show what a restore without it leaves).
+        ``boot_stub``: a restore gives QEMU stubs for the kernel and initrd it never
+        runs (:mod:`.bootstub`); off only to measure what reading them costs."""
         self.binary = binary
         self.vmgenid_guid = vmgenid_guid
         self.freshen = freshen
+        self.boot_stub = boot_stub
         self._aborting = threading.Event()
         self._host_cpu: HostCpu | None = None
         self._kvm: bool | None = None  # probed once, on first need
@@ -511,6 +516,11 @@ class QemuBackend:
                          incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel,
                          disk_backing=backing, vmgenid_guid=self.vmgenid_guid)
         argv[0] = self.binary
+        if incoming_fd is not None and self.boot_stub:
+            try:
+                argv = boot_files_for_restore(argv, rundir)
+            except OSError as e:
+                raise MediumUnavailable(str(flavour.cold_boot.kernel), f"cannot read the kernel's header: {e}") from e
         with open(rundir / "qemu.log", "wb") as log:
             try:
                 # own session: guests outlive a manager that stops or crashes
