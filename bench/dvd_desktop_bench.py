@@ -11,7 +11,11 @@ cold cache each time, one run, the ways side by side:
   about a minute under emulation, and what it reads is the point);
 * ``restore as before``: level 3, QEMU given the kernel and initrd (read from the medium);
 * ``restore, stubs``: level 3, QEMU given stubs (:mod:`xsession.hypervisor.bootstub`);
-* ``restore, stubs, level 19``: the default path for a burnt medium.
+* ``restore, stubs, level 19``: the default path for a burnt medium;
+* ``switch to server, preloaded``: with the desktop running, the server's
+  statefile is preloaded into RAM as the manager does (:class:`xsession.preload.Preload`,
+  one sequential read), then the server is restored from that copy: the time a
+  person waits after asking for it.
 
 Each is timed from the backend's start to the guest running and to its first
 heartbeat after the restore (the desktop session answers), with the drive's
@@ -29,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +48,10 @@ from bench.mediumsim import PROFILES, Stats, make_image, slow_medium  # noqa: E4
 from xsession.demomedia import ensure_desktop_medium  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest  # noqa: E402
 from xsession.manifest import MANIFEST_RELPATH, load_manifest  # noqa: E402
+from xsession.preload import Preload  # noqa: E402
 
 FLAVOUR = "xubuntu"
+SECOND = "server"
 CACHE = Path("/var/cache/xenubuntu/bench")
 HEARTBEAT_TIMEOUT_S = 300.0
 
@@ -78,14 +85,17 @@ def build_tree(medium: Path, level: int, tree: Path) -> dict[str, int]:
     squashfs stores the shared disks once). Returns each statefile's size."""
     doc = yaml.safe_load((medium / MANIFEST_RELPATH).read_text())
     entry = next(f for f in doc["flavours"] if f["name"] == FLAVOUR)
+    second = next(f for f in doc["flavours"] if f["name"] == SECOND)
     folder = medium / "xenubuntu" / "flavours" / FLAVOUR
     sizes = {}
     for tag in ("l3", f"l{level}"):
         root = tree / tag
+        for name in (FLAVOUR, SECOND):
+            dest = root / "xenubuntu" / "flavours" / name
+            dest.mkdir(parents=True)
+            for f in (medium / "xenubuntu" / "flavours" / name).iterdir():
+                os.link(f, dest / f.name)
         dest = root / "xenubuntu" / "flavours" / FLAVOUR
-        dest.mkdir(parents=True)
-        for f in folder.iterdir():
-            os.link(f, dest / f.name)
         e = dict(entry, statefile=dict(entry["statefile"]))
         if tag != "l3":
             (dest / "state.zst").unlink()
@@ -93,7 +103,8 @@ def build_tree(medium: Path, level: int, tree: Path) -> dict[str, int]:
             shutil.copyfile(z, dest / "state.zst")
             e["statefile"].update(size=z.stat().st_size, sha256=sha256_of(z))
         sizes[tag] = e["statefile"]["size"]
-        (root / MANIFEST_RELPATH).write_text(yaml.safe_dump(dict(doc, default=FLAVOUR, flavours=[e]),
+        sizes["second"] = 0  # read before the switch: its limit is RAM's
+        (root / MANIFEST_RELPATH).write_text(yaml.safe_dump(dict(doc, default=FLAVOUR, flavours=[e, second]),
                                                            sort_keys=False))
         load_manifest(root / MANIFEST_RELPATH)  # the copy must be a valid medium
     return sizes
@@ -116,6 +127,42 @@ def restore_way(root: Path, stub: bool) -> Callable[[Path], tuple[float, float]]
             return running, time.monotonic() - t0
         finally:
             guest.stop()
+    return run
+
+
+def switch_way(root: Path) -> Callable[[Path], tuple[float, float]]:
+    """The desktop restored, the second flavour preloaded, then (timed) the second restored
+    from RAM; the drive counts everything, the preload included."""
+    def run(rundir: Path) -> tuple[float, float]:
+        manifest = load_manifest(root / MANIFEST_RELPATH)
+        backend = QemuBackend()
+        first = backend.restore(manifest.flavour(FLAVOUR), manifest, rundir / "first", lambda d, t: None)
+        try:
+            wait_heartbeat(first)
+            sf = manifest.flavour(SECOND).statefile
+            assert sf is not None
+            free = threading.Event()
+            free.set()
+            done = threading.Event()
+            preload = Preload(SECOND, manifest.resolve(sf.path), sf.size, free, lambda p: done.set())
+            preload.start()
+            done.wait(300)
+            if not preload.complete:
+                raise RuntimeError(f"preload failed: {preload.error}")
+            try:
+                t0 = time.monotonic()
+                guest = backend.restore(manifest.flavour(SECOND), manifest, rundir / "second", lambda d, t: None,
+                                        source=preload.source())
+                try:
+                    running = time.monotonic() - t0
+                    wait_heartbeat(guest)
+                    return running, time.monotonic() - t0
+                finally:
+                    guest.stop()
+            finally:
+                preload.release()
+        finally:
+            first.stop()
     return run
 
 
@@ -155,13 +202,17 @@ def main() -> int:
                 ways += [("restore as before (level 3, kernel and initrd read)", "l3",
                           restore_way(slow.path / "l3", False)),
                          ("restore, stubs (level 3)", "l3", restore_way(slow.path / "l3", True)),
-                         (f"restore, stubs, level {args.level}", hi, restore_way(slow.path / hi, True))]
+                         (f"restore, stubs, level {args.level}", hi, restore_way(slow.path / hi, True)),
+                         (f"switch to {SECOND}, preloaded (level 3)", "second", switch_way(slow.path / hi))]
                 for what, tag, fn in ways:
                     slow.drop_caches()
                     before = slow.stats()
                     rundir = Path(tempfile.mkdtemp(prefix="xs-dvd-run-"))
                     try:
                         running, answered = fn(rundir)
+                    except Exception as e:  # one way failing (a cold boot past its timeout) ends no other
+                        print(f"{name:5} {what}: {e}", flush=True)
+                        running = answered = float("nan")
                     finally:
                         shutil.rmtree(rundir, ignore_errors=True)
                     st = slow.stats() - before
