@@ -109,6 +109,12 @@ class Feeder(threading.Thread):
         if proc is not None and proc.poll() is None:
             proc.kill()
 
+    def discard(self) -> None:
+        """Give up a feed that was never started: its end of the pipe is closed."""
+        if not self.is_alive() and self._result is None and self.out_fd >= 0:
+            os.close(self.out_fd)
+            self.out_fd = -1
+
     def failure(self) -> FeedResult | None:
         """The result, if the feed has already ended badly (without waiting).
 

@@ -148,7 +148,8 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
                 report(f"{spec.name}: screen settled after {time.monotonic() - t0:.1f} s")
             time.sleep(settle_s)
             if flavour.machine.guest_channel:
-                backend.prepare_for_save(guest)  # caches dropped: a smaller statefile
+                # caches dropped (a smaller statefile), then what a restore needs first warmed again
+                backend.prepare_for_save(guest, flavour)
             t1 = time.monotonic()
             saved = backend.save(guest, fdir / "state.zst", level=level, still=still)
         except BaseException:  # Ctrl-C too: the guest runs in its own session and would stay
