@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from hypothesis import given
@@ -98,3 +99,31 @@ def test_a_restore_reads_neither_kernel_nor_initrd_from_the_medium(demo_medium: 
     extra = {stub: n - state_bytes for stub, n in read.items()}
     assert extra[False] >= kernel_bytes, (extra, kernel_bytes)
     assert 0 <= extra[True] < extra[False] / 2, extra
+
+
+def test_from_a_seek_bound_medium_the_statefile_is_one_sequential_read(demo_medium: Path) -> None:
+    """Traced by the drive: while the feed reads the statefile (from its first to its last
+    block, as the feed's progress tells), the head never leaves it. QEMU's reads of its
+    disks and kernel come before the feed, not between its blocks."""
+    marks: list[float] = []
+
+    def progress(done: int, total: int) -> None:
+        marks.append(time.monotonic())
+
+    quick = profile("dvd", rate=2e9, seek=0.001)
+    with slow_medium(demo_medium, quick, trace=True) as slow:
+        served = load_manifest(slow.path / MANIFEST_RELPATH)
+        slow.drop_caches()
+        rundir = Path(tempfile.mkdtemp(prefix="xs-seq-"))
+        try:
+            guest = QemuBackend().restore(served.flavour("kubuntu"), served, rundir, progress)
+            guest.stop()
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+        trace = [line.split() for line in (slow.image.parent.parent / "trace.log").read_text().splitlines()]
+    assert len(marks) >= 10, marks
+    # the drive answers a read before the reader sees it: the first block's request is just before
+    # the first progress call; every request after it up to the last call belongs to the statefile
+    during = [t for t in trace if marks[0] < float(t[5]) <= marks[-1]]
+    assert during, "no drive request while the statefile was read"
+    assert sum(int(t[2]) for t in during) == 0, [t for t in during if int(t[2])]
