@@ -699,7 +699,9 @@ class QemuBackend:
 
         :returns: a note for the session's reason when something could not be done.
         """
-        if not flavour.machine.guest_channel:
+        if flavour.readiness != "channel":
+            # our agent (channel readiness) and qemu-guest-agent come together in a flavour;
+            # one that only has the port (the demo guests: install requests) has no agent
             return ""
         # one command in the guest for both: each command the agent runs costs a process
         # start (a third of a second under emulation), and guest-set-time starts hwclock too
