@@ -93,8 +93,9 @@ PORT = ("$(for p in /sys/class/virtio-ports/*; do [ $(cat $p/name) = org.xenubun
         "echo /dev/${p##*/}; done)")
 
 
-def boot_whole_machine(image: Path, rundir: Path, firmware: str, timeout: float = 240.0) -> str:
-    """Boot the disk image alone (no -kernel), BIOS or EFI; its serial output up to the ready line."""
+def boot_whole_machine(image: Path, rundir: Path, firmware: str, timeout: float = 240.0,
+                       ready: bytes = b"XS-READY") -> str:
+    """Boot the disk image alone (no -kernel), BIOS or EFI; its serial output up to ``ready``."""
     log = rundir / f"whole-{firmware}.log"
     argv = ["qemu-system-x86_64", "-machine", "q35" if firmware == "efi" else "pc", "-accel", "tcg",
             "-m", str(WHOLE_MACHINE_MIB), "-nodefaults", "-no-reboot", "-display", "none",
@@ -107,7 +108,7 @@ def boot_whole_machine(image: Path, rundir: Path, firmware: str, timeout: float 
                  "-drive", f"if=pflash,format=raw,file={vars_copy}"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        return wait_for(log, b"XS-READY", timeout).decode(errors="replace")
+        return wait_for(log, ready, timeout).decode(errors="replace")
     finally:
         proc.kill()
         proc.wait(10)

@@ -9,8 +9,15 @@ inside the copy. The layout is GPT::
     2  64 MiB  EFI system (ef00)    FAT32, GRUB as EFI/BOOT/BOOTX64.EFI (the removable path)
     3  rest    Linux root (8304)    ext4: the flavour's root as mastered, its new identity
 
-A demo flavour's root is its kernel and initramfs (its whole system) plus
-``/etc`` with the identity; it boots with ``xenubuntu.root=UUID=...``.
+Two kinds of flavour:
+
+* a demo flavour's root is its kernel and initramfs (its whole system) plus
+  ``/etc`` with the identity; it boots with ``xenubuntu.root=UUID=...``;
+* an installed system's (``source: disk``) root is its file system image on the
+  medium, as mastered (never the session's overlay): written into the root
+  partition with ``qemu-img convert``, checked, grown and given a new UUID;
+  then its live-session leftovers go (autologin, the guest agent, root without
+  a password, the demo user's known password must be changed at first login).
 
 Cancelled or failed after the first write, the disk's partition table and
 signatures are wiped (:data:`SAFE_STATE`): nothing on it looks bootable.
@@ -19,6 +26,7 @@ signatures are wiped (:data:`SAFE_STATE`): nothing on it looks bootable.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +39,7 @@ from pathlib import Path
 from .errors import HostUnfit, InstallFailed
 
 __all__ = ["Source", "Identity", "Step", "plan", "run", "needed_bytes", "host_problems", "new_identity",
-           "partition", "SAFE_STATE", "CPU_FLAGS", "BIOS_MIB", "ESP_MIB"]
+           "partition", "kernel_line", "grub_cfg", "SAFE_STATE", "CPU_FLAGS", "BIOS_MIB", "ESP_MIB", "LEFTOVERS"]
 
 BIOS_MIB = 1
 ESP_MIB = 64
@@ -46,7 +54,9 @@ TOOL_TIMEOUT_S = 600
 
 @dataclass(frozen=True)
 class Source:
-    """What gets installed: a demo flavour's kernel and initramfs (its whole root)."""
+    """What gets installed, as it is on the medium: the kernel and initramfs, and for an
+    installed system its root file system image (``root_image``, of ``root_image_size``
+    bytes once raw). ``cmdline``: the flavour's kernel command line."""
 
     flavour: str
     title: str
@@ -54,13 +64,19 @@ class Source:
     initrd: Path
     memory_mib: int
     cmdline: str = "console=ttyS0 panic=-1"
+    root_image: Path | None = None
+    root_image_size: int = 0
 
     def files(self) -> list[tuple[Path, str]]:
         """(file in dom0, path inside the new root)."""
         return [(self.kernel, "boot/vmlinuz"), (self.initrd, "boot/initrd.img")]
 
-    def size(self) -> int:
+    def files_size(self) -> int:
         return sum(p.stat().st_size for p, _ in self.files())
+
+    def size(self) -> int:
+        """Bytes the root holds once installed."""
+        return self.files_size() + self.root_image_size
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,23 @@ class Step:
     write: tuple[tuple[str, str], ...] = ()
     weight: int = 1 << 20
     writes_disk: bool = True
+    #: the command prints its progress as qemu-img -p does ("(12.34/100%)")
+    progress: bool = False
+    ok_codes: tuple[int, ...] = (0,)
+
+
+#: kernel options of a session that an installed system does without: the root is
+#: named by UUID, and page poisoning only kept the statefiles small
+_SESSION_ONLY = ("root=", "rw", "ro", "init_on_free=", "init_on_alloc=", "panic=")
+
+
+def kernel_line(source: Source, ident: Identity) -> str:
+    """The installed system's kernel options (pure)."""
+    if source.root_image is None:  # the demo guest's init mounts its installed root itself
+        return f"{source.cmdline} xenubuntu.root=UUID={ident.root_uuid}"
+    kept = [o for o in source.cmdline.split()
+            if not any(o == p or (p.endswith("=") and o.startswith(p)) for p in _SESSION_ONLY)]
+    return " ".join([f"root=UUID={ident.root_uuid}", "ro", *kept])
 
 
 def grub_cfg(source: Source, ident: Identity) -> str:
@@ -130,9 +163,34 @@ def grub_cfg(source: Source, ident: Identity) -> str:
             "terminal_input serial console\nterminal_output serial console\n"
             f"search --no-floppy --fs-uuid --set=root {ident.root_uuid}\n"
             f"menuentry '{source.title}' {{\n"
-            f"  linux /boot/vmlinuz {source.cmdline} xenubuntu.root=UUID={ident.root_uuid}\n"
+            f"  linux /boot/vmlinuz {kernel_line(source, ident)}\n"
             "  initrd /boot/initrd.img\n"
             "}\n")
+
+
+#: an installed system's live-session leftovers (paths in its root)
+LEFTOVERS = ("etc/lightdm/lightdm.conf.d/50-xenubuntu.conf", "etc/xdg/autostart/xenubuntu-agent.desktop",
+             "etc/systemd/system/multi-user.target.wants/xenubuntu-agent.service",
+             "etc/systemd/system/xenubuntu-agent.service", "usr/local/bin/xenubuntu-agent",
+             "etc/udev/rules.d/60-xenubuntu-guest.rules", "etc/xenubuntu")
+#: root gets a locked password (the session's had none); the demo user's known one must change
+ACCOUNTS_SCRIPT = ('set -e; passwd --root "$1" --lock root >/dev/null; '
+                   'if grep -q "^user:" "$1/etc/passwd"; then chage --root "$1" --lastday 0 user; fi')
+
+
+def _root_steps(source: Source, ident: Identity, root: str) -> list[Step]:
+    if source.root_image is None:
+        return [Step("make the root file system",
+                     ("mkfs.ext4", "-q", "-F", "-L", source.flavour[:16], "-U", ident.root_uuid, root),
+                     weight=4 << 20)]
+    return [
+        Step("copy the flavour's root file system as mastered",
+             ("qemu-img", "convert", "-p", "-n", "-O", "raw", str(source.root_image), root),
+             weight=source.root_image_size, progress=True),
+        Step("check the copied file system", ("e2fsck", "-f", "-y", root), ok_codes=(0, 1)),
+        Step("grow it to its partition", ("resize2fs", root)),
+        Step("give it its own UUID and label", ("tune2fs", "-U", ident.root_uuid, "-L", source.flavour[:16], root)),
+    ]
 
 
 def plan(source: Source, device: str, ident: Identity, mnt: str) -> list[Step]:
@@ -141,7 +199,7 @@ def plan(source: Source, device: str, ident: Identity, mnt: str) -> list[Step]:
     esp, root = partition(device, 2), partition(device, 3)
     fstab = (f"# <file system> <mount point> <type> <options> <dump> <pass>\n"
              f"UUID={ident.root_uuid} / ext4 errors=remount-ro 0 1\n"
-             f"UUID={ident.esp_uuid} /boot/efi vfat umask=0077 0 1\n")
+             f"UUID={ident.esp_uuid} /boot/efi vfat umask=0077,nofail,x-systemd.device-timeout=10s 0 2\n")
     return [
         Step("wipe the disk", ("wipefs", "--all", "--quiet", device)),
         Step("partition (GPT: BIOS boot, EFI system, root)",
@@ -156,10 +214,15 @@ def plan(source: Source, device: str, ident: Identity, mnt: str) -> list[Step]:
                                          'done; echo "no $1 or $2" >&2; exit 1', "sh", esp, root, device),
              writes_disk=False),
         Step("make the EFI file system", ("mkfs.vfat", "-F", "32", "-n", "EFI", "-i", ident.esp_id, esp)),
-        Step("make the root file system",
-             ("mkfs.ext4", "-q", "-F", "-L", source.flavour[:16], "-U", ident.root_uuid, root), weight=4 << 20),
+        *_root_steps(source, ident, root),
         Step("mount the new root", ("mount", "-t", "ext4", root, mnt), writes_disk=False),
-        Step("copy the flavour as mastered", files=tuple(source.files()), weight=source.size()),
+        Step("copy the flavour's kernel and initramfs as mastered", files=tuple(source.files()),
+             weight=source.files_size()),
+        *([] if source.root_image is None else [
+            Step("remove the live session's leftovers (autologin, the guest agent)",
+                 ("sh", "-c", 'cd "$1" && shift && rm -rf -- "$@"', "sh", mnt, *LEFTOVERS)),
+            Step("lock root's password; the known one of the desktop's user must change",
+                 ("sh", "-c", ACCOUNTS_SCRIPT, "sh", mnt))]),
         Step("give it its own identity", write=(
             ("etc/hostname", ident.hostname + "\n"),
             ("etc/machine-id", ident.machine_id + "\n"),
@@ -239,12 +302,14 @@ def run(source: Source, device: str, ident: Identity, report: Callable[[int, int
 
 
 def _do(r: _Run, step: Step) -> None:
-    if step.argv:
+    if step.argv and step.progress:
+        _run_with_progress(r, step)
+    elif step.argv:
         try:
             done = subprocess.run(step.argv, capture_output=True, timeout=TOOL_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise InstallFailed(step.name, str(e), "") from e
-        if done.returncode != 0:
+        if done.returncode not in step.ok_codes:
             err = (done.stderr or done.stdout).decode(errors="replace").strip()[-400:]
             raise InstallFailed(step.name, f"{step.argv[0]} exited with status {done.returncode}: {err}", "")
     base = r.done
@@ -258,6 +323,37 @@ def _do(r: _Run, step: Step) -> None:
             dest.write_text(text)
         except OSError as e:
             raise InstallFailed(step.name, f"cannot write /{rel}: {e}", "") from e
+
+
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _run_with_progress(r: _Run, step: Step) -> None:
+    """A long copy by a tool (qemu-img): its percent becomes bytes done; a cancel kills it."""
+    try:
+        proc = subprocess.Popen(step.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise InstallFailed(step.name, str(e), "") from e
+    assert proc.stdout is not None and proc.stderr is not None
+    base = r.done
+    try:
+        while chunk := proc.stdout.read1(256):  # type: ignore[attr-defined]
+            if r.cancel.is_set():
+                raise Cancelled(step.name, "cancelled", "")
+            found = _PERCENT.findall(chunk)
+            if found:
+                r.report(base + int(step.weight * float(found[-1]) / 100), r.total)
+        status = proc.wait(TOOL_TIMEOUT_S)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        err = proc.stderr.read().decode(errors="replace").strip()[-400:]
+        proc.stdout.close()
+        proc.stderr.close()
+    if status not in step.ok_codes:
+        raise InstallFailed(step.name, f"{step.argv[0]} exited with status {status}: {err}", "")
 
 
 def _copy(r: _Run, step: Step, src: Path, dest: Path) -> None:

@@ -5,14 +5,19 @@ confirmed job runs the installer over the flavour as it is on the medium.
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pyudev
 
+from ..diskchain import check_chain
 from ..engine import Engine
+from ..errors import MediumUnavailable
 from ..guestchannel import ChannelError, InstallRequest
 from ..hardware import MediumInfo, parse_meminfo
 from . import installer, targets
@@ -23,6 +28,19 @@ from .protocol import reply_line
 __all__ = ["InstallManager"]
 
 log = logging.getLogger(__name__)
+
+
+def _virtual_size(image: Path) -> int:
+    """The bytes of a disk image once raw (``qemu-img info``).
+
+    :raises MediumUnavailable: it cannot be read.
+    """
+    try:
+        done = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True,
+                              timeout=60, check=True)
+        return int(json.loads(done.stdout)["virtual-size"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+        raise MediumUnavailable(str(image), f"cannot read the flavour's disk image: {e}") from e
 
 
 class InstallManager:
@@ -65,20 +83,29 @@ class InstallManager:
 
     # -- targets ------------------------------------------------------------------------------
     def source(self, flavour: str) -> installer.Source:
-        """What installing ``flavour`` copies, from the medium.
+        """What installing ``flavour`` copies, from the medium (as mastered: never the
+        session's overlay).
 
-        :raises InstallFailed: a flavour this installer cannot copy yet.
+        :raises InstallFailed: a flavour this installer cannot copy (a live ISO's).
+        :raises MediumUnavailable: its files cannot be read.
         """
         name = self.engine.session(flavour).name  # :raises NoSuchFlavour:
         fl = next(x for x in self.engine.flavours if x.name == name)
         cb = fl.cold_boot
-        if fl.source != "initrd" or cb.kernel is None or cb.initrd is None:
-            raise InstallFailed("prepare", f"installing a flavour of source {fl.source!r} is not done yet "
-                                           "(only the demo flavours' kernel and initramfs)",
-                                "the disk was not written to")
         m = self.engine.manifest
-        return installer.Source(fl.name, fl.title, m.resolve(cb.kernel), m.resolve(cb.initrd), fl.memory_mib)
-
+        if cb.kernel is None or cb.initrd is None or fl.source not in ("initrd", "disk") or (
+                fl.source == "disk" and fl.disk is None):
+            raise InstallFailed("prepare", f"a flavour of source {fl.source!r} without its own kernel cannot be "
+                                           "installed (a live ISO's root is its squashfs)",
+                                "the disk was not written to")
+        source = installer.Source(fl.name, fl.title, m.resolve(cb.kernel), m.resolve(cb.initrd), fl.memory_mib,
+                                  cmdline=cb.cmdline)
+        if fl.source == "disk":
+            assert fl.disk is not None
+            image = m.resolve(fl.disk.base)
+            check_chain(image, m.root)  # every file qemu-img would open stays on the medium
+            source = replace(source, root_image=image, root_image_size=_virtual_size(image))
+        return source
     def needed(self, flavour: str) -> int:
         return installer.needed_bytes(self.source(flavour).size())
 
