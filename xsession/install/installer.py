@@ -172,7 +172,8 @@ def grub_cfg(source: Source, ident: Identity) -> str:
 LEFTOVERS = ("etc/lightdm/lightdm.conf.d/50-xenubuntu.conf", "etc/xdg/autostart/xenubuntu-agent.desktop",
              "etc/systemd/system/multi-user.target.wants/xenubuntu-agent.service",
              "etc/systemd/system/xenubuntu-agent.service", "usr/local/bin/xenubuntu-agent",
-             "etc/udev/rules.d/60-xenubuntu-guest.rules", "etc/xenubuntu")
+             "etc/udev/rules.d/60-xenubuntu-guest.rules", "etc/xenubuntu", "usr/local/bin/xenubuntu-install",
+             "usr/share/applications/xenubuntu-install.desktop")
 #: root gets a locked password (the session's had none); the demo user's known one must change
 ACCOUNTS_SCRIPT = ('set -e; passwd --root "$1" --lock root >/dev/null; '
                    'if grep -q "^user:" "$1/etc/passwd"; then chage --root "$1" --lastday 0 user; fi')

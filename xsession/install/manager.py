@@ -17,7 +17,7 @@ import pyudev
 
 from ..diskchain import check_chain
 from ..engine import Engine
-from ..errors import MediumUnavailable
+from ..errors import MediumUnavailable, XSessionError
 from ..guestchannel import ChannelError, InstallRequest
 from ..hardware import MediumInfo, parse_meminfo
 from . import installer, targets
@@ -62,6 +62,10 @@ class InstallManager:
         """A channel's thread: an install request (the session is the channel's own)."""
         if isinstance(message, InstallRequest):
             try:
+                try:
+                    self.source(session)  # a flavour that cannot be installed is refused at once
+                except XSessionError as e:
+                    raise ChannelError(f"an install request: {e}") from None
                 self.jobs.request(session, self.engine.session(session).name, message.request_id)
             except ChannelError:  # refused (and counted by the channel); the guest hears so
                 channel = self.engine.channel(session)

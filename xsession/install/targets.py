@@ -107,7 +107,8 @@ def disks(context: pyudev.Context, mountinfo: str | None = None, swaps: str | No
             continue
         parts = [dev, *(c for c in dev.children if c.device_type == "partition")]
         model = (dev.properties.get("ID_MODEL") or _attr(dev, "device/model")
-                 or (f"loop over {_attr(dev, 'loop/backing_file')}" if dev.sys_name.startswith("loop") else ""))
+                 or (f"loop device over {Path(_attr(dev, 'loop/backing_file')).name}"
+                     if dev.sys_name.startswith("loop") else ""))
         out.append(Disk(
             device=dev.device_node, sys_path=dev.sys_path, size=size, model=model.replace("_", " ").strip(),
             read_only=_attr(dev, "ro") == "1",
