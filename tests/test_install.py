@@ -254,3 +254,36 @@ def test_install_onto_a_loop_device_then_cancel_halfway_leaves_nothing_bootable(
         first = f.read(1024 * 1024)
     assert first[510:512] != b"\x55\xaa" and b"EFI PART" not in first
     assert not os.path.exists(f"{dev}p3")
+
+
+def test_a_guest_that_never_reads_its_port_cannot_hold_up_dom0(tmp_path):
+    """dom0's answers are written without waiting: a full channel drops them."""
+    import socket
+    import time
+
+    from xsession.guestchannel import ChannelReader
+    from xsession.install.protocol import reply_line
+
+    path = tmp_path / "guest.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    reader = ChannelReader("kubuntu", path, "kubuntu")
+    try:
+        peer, _ = server.accept()  # the "QEMU" side: it never reads
+        deadline = time.monotonic() + 10
+        while reader._sock is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        line = reply_line("0123abcd", "running", 50)
+        results: list[bool] = []
+        sender = threading.Thread(target=lambda: results.extend(reader.send(line) for _ in range(100_000)),
+                                  daemon=True)
+        sender.start()
+        sender.join(120)  # a liveness bound, not a speed: a blocking send would never return
+        assert not sender.is_alive(), "send blocked on a guest that does not read"
+        assert results[0] is True and results[-1] is False  # the socket's buffer filled, then lines dropped
+        peer.close()
+    finally:
+        reader.close()
+        server.close()

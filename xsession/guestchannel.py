@@ -119,17 +119,22 @@ class ChannelReader:
         self._thread.join(2.0)
 
     def send(self, line: bytes) -> bool:
-        """Write one line to the guest; False when the channel is not connected now."""
+        """Write one line to the guest, never waiting: a guest that does not read its port
+        must not hold up dom0 (the line is dropped). False when it was not written."""
         sock = self._sock
         if sock is None:
             return False
         try:
             with self._send_lock:
-                sock.sendall(line)
-            return True
-        except OSError as e:
+                sent = sock.send(line, socket.MSG_DONTWAIT)
+        except OSError as e:  # BlockingIOError too: the guest's side is full
             log.debug("%s: cannot write to the guest channel: %s", self.name, e)
             return False
+        if sent != len(line):
+            log.warning("%s: the guest channel took %d of %d bytes of a line", self.name, sent, len(line),
+                        extra={"SESSION": self.name})
+            return False
+        return True
 
     # -- waiting -------------------------------------------------------------------
     def wait_ready(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
