@@ -287,3 +287,21 @@ def test_a_guest_that_never_reads_its_port_cannot_hold_up_dom0(tmp_path):
     finally:
         reader.close()
         server.close()
+
+
+def test_a_running_job_cancelled_halfway_ends_cancelled_with_the_disk_wiped(loop_disk, demo_source):
+    dev = loop_disk(300)
+    jobs: Jobs
+
+    def hook(step: installer.Step) -> None:
+        if step.name == "install GRUB for BIOS":
+            jobs.cancel(1)  # as Job.Cancel does, while the install runs
+
+    jobs = Jobs(lambda job, target, report, cancel: installer.run(
+        demo_source, target, installer.new_identity(job.flavour), report, cancel, hook))
+    job = jobs.request("kubuntu", "kubuntu", "feedc0de")
+    jobs.confirm(job.number, dev)
+    end = jobs.wait(job.number, 120)
+    assert end.state is JobState.CANCELLED and installer.SAFE_STATE in end.error, end
+    assert 0 < end.progress < 1
+    assert "8304" not in _partition_table(dev)
