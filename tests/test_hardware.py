@@ -205,7 +205,7 @@ def test_read_speed_classes() -> None:
 # --- install targets -----------------------------------------------------------------
 
 def test_install_targets_on_a_recorded_machine_never_the_medium_a_busy_or_a_small_disk():
-    """The desktop booted from a USB stick (recorded), plus two forged disks: only the
+    """The desktop booted from a USB stick (recorded), plus three forged disks: only the
     internal SSD is offered; each other disk has its named refusal, with numbers."""
     result = scenario("targets", "desktop-usb")
     assert result["medium"] == "/dev/sdb"
@@ -216,3 +216,4 @@ def test_install_targets_on_a_recorded_machine_never_the_medium_a_busy_or_a_smal
     assert refusals["/dev/sdc"]["dbus"] == "TargetTooSmall"
     assert "64 MiB" in refusals["/dev/sdc"]["message"] and "512 MiB" in refusals["/dev/sdc"]["message"]
     assert refusals["/dev/sdd"]["dbus"] == "TargetInUse" and "/dev/sdd1" in refusals["/dev/sdd"]["message"]
+    assert refusals["/dev/sde"]["dbus"] == "TargetInUse" and "dm-0" in refusals["/dev/sde"]["message"]

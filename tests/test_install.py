@@ -203,6 +203,18 @@ def test_a_mounted_partition_makes_its_disk_busy(loop_disk, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def test_a_disk_in_use_as_swap_is_refused(loop_disk):
+    dev = loop_disk(64)
+    subprocess.run(["mkswap", dev], check=True, capture_output=True)
+    subprocess.run(["swapon", dev], check=True)
+    try:
+        with pytest.raises(TargetInUse, match="swap"):
+            targets.check_target(pyudev.Context(), dev, None, MiB)
+        assert dev not in [d.device for d in targets.candidates(pyudev.Context(), None, MiB)]
+    finally:
+        subprocess.run(["swapoff", dev], check=True)
+
+
 def _partition_table(dev: str) -> str:
     return subprocess.run(["sgdisk", "--print", dev], capture_output=True, text=True).stdout
 

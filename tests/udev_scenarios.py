@@ -251,7 +251,8 @@ def events_laptop() -> Any:
     return run_steps("laptop-dvd", steps, expected=3)
 
 
-#: forged for the install's targets: a small internal disk, and one whose partition is mounted
+#: forged for the install's targets: a small internal disk, one whose partition is mounted, and
+#: an LVM physical volume (device-mapper stacks on it: its holders)
 SMALL_AND_BUSY = """\
 P: /devices/pci0000:00/0000:00:17.0/ata3/host2/target2:0:0/2:0:0:0/block/sdc
 N: sdc
@@ -287,6 +288,19 @@ E: SUBSYSTEM=block
 A: dev=8:49\\n
 A: partition=1\\n
 A: size=1953523120\\n
+
+P: /devices/pci0000:00/0000:00:17.0/ata5/host4/target4:0:0/4:0:0:0/block/sde
+N: sde
+E: DEVNAME=/dev/sde
+E: DEVTYPE=disk
+E: MAJOR=8
+E: MINOR=64
+E: SUBSYSTEM=block
+E: ID_BUS=ata
+E: ID_FS_TYPE=LVM2_member
+A: dev=8:64\\n
+A: size=1953525168\\n
+A: holders/dm-0=
 """
 
 
