@@ -1,6 +1,7 @@
 #!/bin/bash
 # Builds the demo flavours' guests from Debian's packages: one kernel shared by
-# all and one initramfs per flavour (busybox-static, the virtio disk modules,
+# all and one initramfs per flavour (busybox-static, the virtio disk and console
+# modules, ext4's (to read its root once installed),
 # demo/guest-init and the flavour's identity). Cached: a second run with the same
 # packages does nothing.
 #   build-guests.sh OUTDIR [NAME:TITLE:KIND ...]
@@ -39,20 +40,23 @@ X=$(mktemp -d "$OUT/extract.XXXXXX")
 trap 'rm -rf "$X"' EXIT
 dpkg-deb -x "$OUT"/debs/"${KPKG}"_*.deb "$X/k"
 dpkg-deb -x "$OUT"/debs/busybox-static_*.deb "$X/bb"
-cp "$X/k/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
+# written beside and renamed: the cache may be a hard-linked copy, whose files must not change in place
+cp "$X/k/boot/vmlinuz-$KVER" "$OUT/vmlinuz.new" && mv -f "$OUT/vmlinuz.new" "$OUT/vmlinuz"
 for spec in "$@"; do
   IFS=: read -r name title kind <<<"$spec"
   R="$X/root-$name"
   mkdir -p "$R"/{bin,dev,proc,sys,run,etc,lib/modules}
   cp "$X/bb/bin/busybox" "$R/bin/busybox"
-  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console \
+           crc16 mbcache jbd2 crc32c_generic ext4; do
     f=$(find "$X/k/lib/modules/$KVER" -name "$m.ko*" | head -n1)
     [ -n "$f" ] && cp "$f" "$R/lib/modules/$m.ko"
   done
   install -m 755 "$HERE/guest-init" "$R/init"
   printf 'FLAVOUR=%s\nTITLE="%s"\nKIND=%s\n' "$name" "$title" "$kind" > "$R/etc/flavour"
   # uncompressed: under TCG, unpacking a compressed archive costs boot time
-  (cd "$R" && find . | "$X/bb/bin/busybox" cpio -o -H newc 2>/dev/null) > "$OUT/initrd-$name.cpio"
+  (cd "$R" && find . | "$X/bb/bin/busybox" cpio -o -H newc 2>/dev/null) > "$OUT/initrd-$name.cpio.new"
+  mv -f "$OUT/initrd-$name.cpio.new" "$OUT/initrd-$name.cpio"
 done
 rm -f "$OUT"/.built-*
 touch "$OUT/.built-$key"

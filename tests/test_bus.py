@@ -16,6 +16,7 @@ from pathlib import Path
 from gi.repository import GLib
 
 from xsession.bus import introspection_xml
+from xsession.install.dbus import JOB_IFACE
 
 from .buslib import (BUS_NAME, ERROR, HELPER_USER, MANAGER_IFACE, MANAGER_PATH, NOBODY, SESSION_IFACE, Signals,
                      busctl, ctl, gdbus)
@@ -42,6 +43,8 @@ def test_ready_and_what_busctl_and_gdbus_see(private_bus, xsessiond, client):
     published = _members(client.call(MANAGER_PATH, "org.freedesktop.DBus.Introspectable", "Introspect")[0])
     published.update(_members(client.call(KUBUNTU, "org.freedesktop.DBus.Introspectable", "Introspect")[0]))
     for iface, members in _members(introspection_xml()).items():
+        if iface == JOB_IFACE:
+            continue  # published for each install job: test_install_e2e looks at one
         assert published[iface] == members, iface
 
     intro = busctl(private_bus, "introspect", BUS_NAME, KUBUNTU)

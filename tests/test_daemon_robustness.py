@@ -17,10 +17,11 @@ from pathlib import Path
 from gi.repository import GLib
 
 from xsession.bus import introspection_xml
+from xsession.install.dbus import JOB_IFACE
 from xsession.sdnotify import Notifier
 
 from .buslib import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, SESSION_IFACE, gdbus
-from .guestlib import qemu_pids_under
+from .guestlib import ask, qemu_pids_under
 
 
 def test_the_notifier_never_blocks_when_nobody_reads(tmp_path: Path):
@@ -85,19 +86,52 @@ CALLS = {
     (SESSION_IFACE, "Resume"): [],
     (SESSION_IFACE, "Reset"): [],
     (SESSION_IFACE, "GetPicture"): ["uint32 64"],
+    (MANAGER_IFACE, "ListInstallTargets"): ["'kubuntu'"],
+    (MANAGER_IFACE, "ListJobs"): [],
+    # each on a job that kubuntu's guest asked for just before (the target: a loop device)
+    (JOB_IFACE, "Cancel"): [],
+    (JOB_IFACE, "Confirm"): ["'LOOP'"],
     (SESSION_IFACE, "Stop"): [],
 }
 
 
-def test_every_method_answers_with_the_type_it_declares(private_bus, xsessiond, client):
+def _new_job(client, serial: str) -> str:
+    """The guest asks for an install (its serial console's ``install``); the new job's path."""
+    before = {j[0] for j in client.call(MANAGER_PATH, MANAGER_IFACE, "ListJobs")[0]}
+    ask(serial, "install", expect=b"INSTALL asked", timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        new = [j for j in client.call(MANAGER_PATH, MANAGER_IFACE, "ListJobs")[0] if j[0] not in before]
+        if new:
+            return str(new[0][4])
+        time.sleep(0.05)
+    raise TimeoutError("no new install job")
+
+
+def test_every_method_answers_with_the_type_it_declares(private_bus, xsessiond, client, tmp_path):
     """Each method of the introspection XML, called by gdbus; the reply parses as the
     declared out type (a reply of another type is dropped: the caller times out)."""
     xsessiond("xenubuntu.restore=off")
+    image = tmp_path / "target.img"
+    with open(image, "wb") as f:
+        f.truncate(300 * 2**20)
+    loop = subprocess.run(["losetup", "--find", "--show", "--partscan", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        _call_every_method(private_bus, client, loop)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], capture_output=True)
+
+
+def _call_every_method(private_bus, client, loop: str) -> None:
     methods = {(i, m): (ins, out) for i, m, ins, out in _methods()}
     assert set(methods) == set(CALLS), "a method of the XML has no call here"
+    job = ""
     for (iface, method), (ins, out_sig) in sorted(methods.items(), key=lambda kv: list(CALLS).index(kv[0])):
         path = f"{MANAGER_PATH}/session/kubuntu" if iface == SESSION_IFACE else MANAGER_PATH
-        args = CALLS[(iface, method)]
+        if iface == JOB_IFACE:
+            path = job = _new_job(client, client.session("kubuntu")["Console"]["serial"])
+        args = [a.replace("LOOP", loop) for a in CALLS[(iface, method)]]
         assert len(args) == len(ins)
         reply = gdbus(private_bus, "call", "--timeout", "20", "--dest", BUS_NAME, "--object-path", path,
                       "--method", f"{iface}.{method}", *args, timeout=60)
@@ -108,6 +142,14 @@ def test_every_method_answers_with_the_type_it_declares(private_bus, xsessiond, 
             client.wait_state("kubuntu", {"running"})
         if iface == MANAGER_IFACE and method == "Activate":
             assert value.unpack() == (f"{MANAGER_PATH}/session/ubuntu",)
+        if iface == MANAGER_IFACE and method == "ListInstallTargets":
+            assert loop in [d for d, _, _ in value.unpack()[0]]
+        if method == "Confirm":  # the install ends before the guest that asked stops
+            deadline = time.monotonic() + 120
+            while client.prop(job, JOB_IFACE, "State") == "running":
+                assert time.monotonic() < deadline, "the install did not end"
+                time.sleep(0.2)
+            assert client.prop(job, JOB_IFACE, "State") == "done", client.prop(job, JOB_IFACE, "Error")
     assert client.state("kubuntu") == "stopped"
 
 

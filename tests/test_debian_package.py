@@ -69,7 +69,9 @@ EXPECTED = {
 }
 DEPENDS = {
     "xsession": {"python3-gi", "gir1.2-glib-2.0", "python3-pyudev", "python3-systemd", "python3-yaml",
-                 "qemu-system-x86", "qemu-utils", "zstd", "dbus", "polkitd"},
+                 "qemu-system-x86", "qemu-utils", "zstd", "dbus", "polkitd",
+                 # installing a flavour onto a disk (xsession.install)
+                 "gdisk", "dosfstools", "e2fsprogs", "mtools", "grub2-common", "grub-pc-bin", "grub-efi-amd64-bin"},
     "xsession-gui": {"xsession", "python3-gi", "gir1.2-gtk-3.0", "gir1.2-gtk-vnc-2.0"},
 }
 

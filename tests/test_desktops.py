@@ -208,3 +208,59 @@ def test_a_live_iso_we_did_not_build_is_ready_when_its_screen_settles(dmanifest,
         assert colours(guest.screendump()) > 16, "ready before the desktop was painted"
     finally:
         guest.stop()
+
+
+@pytest.mark.parametrize("name", ["server", "xubuntu"])
+def test_install_this_flavour_from_inside_asks_dom0_and_shows_the_answer(name, dmanifest, make_engine):
+    """The server's command and the desktop's menu entry (its Exec, as the desktop's user)
+    reach dom0 through the agent and the channel as a pending job; the answer comes back."""
+    from xsession.install.manager import InstallManager
+
+    engine = make_engine(dmanifest, "xenubuntu.restore=off")
+    install = InstallManager(engine, medium=lambda: None)
+    engine.activate(name)
+    assert engine.wait_state(name, {State.RUNNING, State.FAILED}, 120).state is State.RUNNING
+    guest = engine._sessions[name].guest
+    assert isinstance(guest, QemuGuest)
+    if name == "server":
+        command = "nohup xenubuntu-install > /root/install.out 2>&1 &"
+        out = "/root/install.out"
+    else:
+        entry = _in_guest(guest, "cat /usr/share/applications/xenubuntu-install.desktop")
+        assert "Name=Install this flavour" in entry
+        exec_line = next(line.split("=", 1)[1] for line in entry.splitlines() if line.startswith("Exec="))
+        command = (f"su user -c 'XDG_RUNTIME_DIR=/run/user/$(id -u user) nohup {exec_line} "
+                   "> /tmp/install.out 2>&1 &'")
+        out = "/tmp/install.out"
+    _in_guest(guest, command)
+    deadline = time.monotonic() + 30
+    while not install.jobs.views():
+        assert time.monotonic() < deadline, "no install job from the guest"
+        time.sleep(0.1)
+    job, = install.jobs.views()
+    assert (job.session, job.flavour, job.state.value) == (name, name, "pending")
+    for shown in ("Waiting for the confirmation in dom0", "cancelled in dom0"):
+        deadline = time.monotonic() + 30
+        while shown not in (said := _in_guest(guest, f"cat {out}")):
+            assert time.monotonic() < deadline, said
+            time.sleep(0.5)
+        if shown.startswith("Waiting"):
+            install.jobs.cancel(job.number)
+
+
+def test_what_an_install_copies_comes_from_the_medium_as_mastered(dmanifest, make_engine):
+    """A disk flavour: its base image on the medium (not a session's overlay), its kernel and
+    initramfs; a live ISO's root cannot be installed, and says so."""
+    from xsession.install.errors import InstallFailed
+    from xsession.install.manager import InstallManager
+
+    install = InstallManager(make_engine(dmanifest, "xenubuntu.restore=off"), medium=lambda: None)
+    server = install.source("server")
+    flavour = dmanifest.flavour("server")
+    assert flavour.disk is not None
+    assert server.root_image == dmanifest.resolve(flavour.disk.base)
+    assert server.root_image_size > server.root_image.stat().st_size // 2
+    assert server.kernel == dmanifest.resolve(flavour.cold_boot.kernel)
+    assert install.needed("server") > server.root_image_size
+    with pytest.raises(InstallFailed, match="live ISO"):
+        install.source("lubuntu")

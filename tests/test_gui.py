@@ -23,6 +23,7 @@ from xsession.manifest import MANIFEST_RELPATH
 from xsession.screen import Picture, to_png
 
 from .buslib import Client
+from .guestlib import ask
 from .conftest import ARTIFACTS
 from .guilib import (COLS, ROWS, CELL_H, CELL_W, MethodCalls, click, distinct_colours, guest_keyboard_interrupts,
                      pump, read_text, screenshot, session_font, settle, xdotool)
@@ -503,3 +504,43 @@ def test_the_client_alone_follows_signals_without_gtk(xsessiond, other, private_
         assert len(errors) == 1                                   # a picture that fails is no error to show
     finally:
         client.close()
+
+
+# --- the install's confirmation dialog ---------------------------------------------------
+
+def test_describe_progress_says_rate_and_time_left(xdisplay):
+    from xsession.gui.client import Job
+    from xsession.gui.install import describe_progress  # GTK: once Xvfb runs
+    job = Job("/j/1", state="running", progress=0.37, rate=12 * 2**20, expected_end=int(1020 * 1e6))
+    assert describe_progress(job, now=1000.0) == "37 %, 12.0 MiB/s, about 20 s left"
+    assert describe_progress(Job("/j/1", state="done", target="/dev/sdb")) == "Installed onto /dev/sdb."
+    assert "failed: no space" in describe_progress(Job("/j/1", state="failed", error="no space"))
+
+
+def test_a_guests_request_opens_the_dialog_and_a_click_installs(xsessiond, gui, other, xdisplay, tmp_path):
+    xsessiond("xenubuntu.restore=off")
+    other.activate("kubuntu")
+    other.wait_state("kubuntu", {"running"})
+    window = gui()
+    image = tmp_path / "target.img"
+    with open(image, "wb") as f:
+        f.truncate(300 * 2**20)
+    loop = subprocess.run(["losetup", "--find", "--show", "--partscan", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        ask(other.session("kubuntu")["Console"]["serial"], "install", expect=b"INSTALL asked", timeout=30)
+        dialog = pump(lambda: next(iter(window.install_dialogs.values()), None), 30, "the confirmation dialog")
+        assert dialog.get_title() == "Install Kubuntu?" and "Kubuntu session asks" in dialog.intro.get_text()
+        pump(lambda: loop in dialog.devices, 30, "the loop device offered")
+        assert not dialog.install_button.get_sensitive()  # nothing happens before a disk is picked
+        dialog.select(loop)
+        settle(0.3)
+        screenshot(SHOTS / "install-dialog.png", dialog)
+        click(xdisplay, dialog.install_button)
+        job = pump(lambda: next((j for j in window.client.jobs.values() if j.state in ("done", "failed")), None),
+                   120, "the install's end")
+        assert job.state == "done", job.error
+        pump(lambda: dialog.status.get_text() == f"Installed onto {loop}.", 10, "the outcome in the dialog")
+        assert dialog.progress.get_fraction() == 1.0
+    finally:
+        subprocess.run(["losetup", "--detach", loop], capture_output=True)

@@ -200,3 +200,20 @@ def test_read_speed_classes() -> None:
     assert s("usb", None, None) == "slow"  # unknown link speed: assume the worst
     assert s("disk", True, None) == "slow" and s("disk", False, None) == "fast"
     assert s("ram", None, None) == "fast"
+
+
+# --- install targets -----------------------------------------------------------------
+
+def test_install_targets_on_a_recorded_machine_never_the_medium_a_busy_or_a_small_disk():
+    """The desktop booted from a USB stick (recorded), plus three forged disks: only the
+    internal SSD is offered; each other disk has its named refusal, with numbers."""
+    result = scenario("targets", "desktop-usb")
+    assert result["medium"] == "/dev/sdb"
+    assert result["offered"] == ["/dev/sda"] and result["refusals"]["/dev/sda"] is None
+    assert result["sizes"]["/dev/sda"] == 976773168 * 512
+    refusals = result["refusals"]
+    assert refusals["/dev/sdb"]["dbus"] == "TargetIsLiveMedium" and "/cdrom" in refusals["/dev/sdb"]["message"]
+    assert refusals["/dev/sdc"]["dbus"] == "TargetTooSmall"
+    assert "64 MiB" in refusals["/dev/sdc"]["message"] and "512 MiB" in refusals["/dev/sdc"]["message"]
+    assert refusals["/dev/sdd"]["dbus"] == "TargetInUse" and "/dev/sdd1" in refusals["/dev/sdd"]["message"]
+    assert refusals["/dev/sde"]["dbus"] == "TargetInUse" and "dm-0" in refusals["/dev/sde"]["message"]

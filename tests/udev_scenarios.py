@@ -251,6 +251,80 @@ def events_laptop() -> Any:
     return run_steps("laptop-dvd", steps, expected=3)
 
 
+#: forged for the install's targets: a small internal disk, one whose partition is mounted, and
+#: an LVM physical volume (device-mapper stacks on it: its holders)
+SMALL_AND_BUSY = """\
+P: /devices/pci0000:00/0000:00:17.0/ata3/host2/target2:0:0/2:0:0:0/block/sdc
+N: sdc
+E: DEVNAME=/dev/sdc
+E: DEVTYPE=disk
+E: MAJOR=8
+E: MINOR=32
+E: SUBSYSTEM=block
+E: ID_BUS=ata
+E: ID_MODEL=Tiny_SSD
+A: dev=8:32\\n
+A: size=131072\\n
+
+P: /devices/pci0000:00/0000:00:17.0/ata4/host3/target3:0:0/3:0:0:0/block/sdd
+N: sdd
+E: DEVNAME=/dev/sdd
+E: DEVTYPE=disk
+E: MAJOR=8
+E: MINOR=48
+E: SUBSYSTEM=block
+E: ID_BUS=ata
+E: ID_MODEL=Data_HDD
+A: dev=8:48\\n
+A: size=1953525168\\n
+
+P: /devices/pci0000:00/0000:00:17.0/ata4/host3/target3:0:0/3:0:0:0/block/sdd/sdd1
+N: sdd1
+E: DEVNAME=/dev/sdd1
+E: DEVTYPE=partition
+E: MAJOR=8
+E: MINOR=49
+E: SUBSYSTEM=block
+A: dev=8:49\\n
+A: partition=1\\n
+A: size=1953523120\\n
+
+P: /devices/pci0000:00/0000:00:17.0/ata5/host4/target4:0:0/4:0:0:0/block/sde
+N: sde
+E: DEVNAME=/dev/sde
+E: DEVTYPE=disk
+E: MAJOR=8
+E: MINOR=64
+E: SUBSYSTEM=block
+E: ID_BUS=ata
+E: ID_FS_TYPE=LVM2_member
+A: dev=8:64\\n
+A: size=1953525168\\n
+A: holders/dm-0=
+"""
+
+
+def install_targets(machine: str) -> Any:
+    """What the install may write to on a recorded machine (and two forged disks)."""
+    from xsession.install import targets
+    tb = testbed(machine)
+    tb.set_attribute(DESKTOP_SDB, "size", "15633408")  # the stick holding the live medium: 8 GB
+    tb.add_from_string(SMALL_AND_BUSY)
+    mountinfo = (HERE / machine / "mountinfo").read_text() + "41 28 8:49 / /home rw - ext4 /dev/sdd1 rw\n"
+    profile = hardware.detect(pyudev.Context(), mountinfo=mountinfo, proc=HERE / machine)
+    needed = 512 * 2**20
+    found = targets.disks(pyudev.Context(), mountinfo=mountinfo, swaps="Filename\tType\tSize\n")
+    refusals = {}
+    for disk in found:
+        why = targets.refusal(disk, profile.medium, needed)
+        refusals[disk.device] = None if why is None else {"error": type(why).__name__, "dbus": why.dbus_name,
+                                                           "message": str(why)}
+    offered = [d.device for d in targets.candidates(pyudev.Context(), profile.medium, needed, mountinfo=mountinfo,
+                                                    swaps="")]
+    return {"medium": profile.medium.device if profile.medium else None, "refusals": refusals,
+            "offered": offered, "sizes": {d.device: d.size for d in found}}
+
+
 def main(argv: list[str]) -> int:
     if "umockdev" not in os.environ.get("LD_PRELOAD", ""):
         print("run me under umockdev-wrapper", file=sys.stderr)
@@ -258,6 +332,8 @@ def main(argv: list[str]) -> int:
     what, *args = argv
     if what == "detect":
         result = detect(*args)
+    elif what == "targets":
+        result = install_targets(*args)
     elif what == "events" and args == ["desktop-usb"]:
         result = events_desktop()
     elif what == "events" and args == ["laptop-dvd"]:

@@ -308,6 +308,8 @@ class SessionsService:
         self._last_progress: dict[str, float] = {}
         self._signals = threading.Lock()    # the session signals' bookkeeping (engine threads, main loop)
         self._closed = False
+        #: the install jobs (``xsession.install.dbus.InstallService``): its Manager methods and objects
+        self.install: Any = None
 
     # -- publishing ------------------------------------------------------------------
     def publish(self) -> None:
@@ -477,7 +479,7 @@ class SessionsService:
                 name = self._known(args[0])
                 self._mutate(invocation, sender, ACTION_ADMINISTER, True,
                              lambda: self._set_default(name), f"SetDefault {name}")
-            else:
+            elif self.install is None or not self.install.manager_call(method, params, invocation):
                 raise InvalidArgs(f"no method {iface}.{method}")
         except Exception as e:
             _return_error(invocation, e)
@@ -602,8 +604,9 @@ class SessionsService:
     def _managed_objects(self) -> dict[str, dict[str, dict[str, GLib.Variant]]]:
         if self.engine is None:
             return {}
-        return {session_path(v.name): {SESSION_IFACE: self._typed(SESSION_IFACE, _session_properties(v))}
-                for v in self.engine.sessions()}
+        objects = {session_path(v.name): {SESSION_IFACE: self._typed(SESSION_IFACE, _session_properties(v))}
+                   for v in self.engine.sessions()}
+        return objects if self.install is None else {**objects, **self.install.managed_objects()}
 
 
 def _activate_options(options: GLib.Variant) -> dict[str, Any]:

@@ -12,6 +12,10 @@ Examples::
     xsessionctl console ubuntu           # how to reach its display
     xsessionctl --json status ubuntu
     xsessionctl watch                    # state changes as they happen
+    xsessionctl jobs                     # install requests from guests
+    xsessionctl install targets kubuntu  # the disks it may go onto
+    xsessionctl install confirm 1 /dev/sdb
+    xsessionctl install cancel 1
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ BUS_NAME = "org.xenubuntu.Sessions1"
 MANAGER_PATH = "/org/xenubuntu/Sessions1"
 MANAGER_IFACE = "org.xenubuntu.Sessions1.Manager"
 SESSION_IFACE = "org.xenubuntu.Sessions1.Session"
+JOB_IFACE = "org.xenubuntu.Sessions1.Job"
+JOB_PATH = MANAGER_PATH + "/job"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 #: a mutating call may wait for a person to answer polkit's password dialog
 ACTION_TIMEOUT_MS = 5 * 60 * 1000
@@ -51,7 +57,15 @@ ERROR_MEANINGS = {
     "org.freedesktop.DBus.Error.NameHasNoOwner": "the session manager is not running",
     "org.freedesktop.DBus.Error.AccessDenied": "the bus refused the call",
     "org.freedesktop.DBus.Error.NoReply": "the session manager did not answer",
-    "org.freedesktop.DBus.Error.UnknownObject": "no such session",
+    "org.freedesktop.DBus.Error.UnknownObject": "no such session or job",
+    "org.xenubuntu.Sessions1.Error.NoSuchJob": "no such install job",
+    "org.xenubuntu.Sessions1.Error.NoSuchTarget": "not a disk",
+    "org.xenubuntu.Sessions1.Error.TargetIsLiveMedium": "that disk holds the live medium",
+    "org.xenubuntu.Sessions1.Error.TargetInUse": "that disk is in use",
+    "org.xenubuntu.Sessions1.Error.TargetTooSmall": "that disk is too small",
+    "org.xenubuntu.Sessions1.Error.TargetRefused": "that disk cannot be installed onto",
+    "org.xenubuntu.Sessions1.Error.HostUnfit": "this computer cannot run the flavour",
+    "org.xenubuntu.Sessions1.Error.InstallFailed": "the install failed",
 }
 
 
@@ -384,6 +398,64 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     return 0 if not args.until_settled or settled() else 1
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
+    jobs = []
+    for number, _session, _flavour, _state, path in client.call(MANAGER_PATH, MANAGER_IFACE, "ListJobs",
+                                                                  reply="(a(ussso))")[0]:
+        props = plain(client.call(path, PROPERTIES_IFACE, "GetAll", GLib.Variant("(s)", (JOB_IFACE,)),
+                                  "(a{sv})", what=f"job {number}")[0])
+        jobs.append(props)
+    if args.json:
+        _print_json(jobs)
+        return 0
+    for j in jobs:
+        line = f"{j['Number']:>3}  {j['Flavour']:<12} {j['State']:<10} {j['Target'] or '-':<14}"
+        if j["State"] == "running":
+            line += f" {_bar(j['Progress'])} {_mib(j['Rate'])}/s"
+        if j["Error"]:
+            line += f"  {j['Error']}"
+        print(line)
+    return 0
+
+
+def cmd_install(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "targets":
+        disks = client.call(MANAGER_PATH, MANAGER_IFACE, "ListInstallTargets", GLib.Variant("(s)", (args.what,)),
+                            "(a(sts))", what=f"targets for {args.what}")[0]
+        if args.json:
+            _print_json([{"device": d, "size": size, "model": m} for d, size, m in disks])
+        else:
+            for d, size, m in disks:
+                print(f"{d:<16} {_mib(size):>10}  {m}")
+        return 0 if disks else 1
+    path = f"{JOB_PATH}/{int(args.what)}"
+    if args.action == "confirm":
+        if not args.disk:
+            raise CtlError("install confirm", "invalid arguments", "name the target disk")
+        client.call(path, JOB_IFACE, "Confirm", GLib.Variant("(s)", (args.disk,)), timeout_ms=ACTION_TIMEOUT_MS,
+                    what=f"install confirm {args.what}")
+        if args.no_wait:
+            return 0
+        while True:  # until it ends: its progress on one line
+            props = plain(client.call(path, PROPERTIES_IFACE, "GetAll", GLib.Variant("(s)", (JOB_IFACE,)),
+                                      "(a{sv})")[0])
+            if not args.quiet:
+                print(f"\r{_bar(props['Progress'])} {_mib(props['BytesDone'])} of {_mib(props['BytesTotal'])}",
+                      end="", file=sys.stderr, flush=True)
+            if props["State"] not in ("pending", "running"):
+                if not args.quiet:
+                    print(file=sys.stderr)
+                print(f"job {args.what}: {props['State']}" + (f": {props['Error']}" if props["Error"] else ""))
+                return 0 if props["State"] == "done" else 1
+            time.sleep(0.2)
+    client.call(path, JOB_IFACE, "Cancel", timeout_ms=ACTION_TIMEOUT_MS, what=f"install cancel {args.what}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsessionctl", description=__doc__.split("\n\n")[0],
                                 epilog="Talks to org.xenubuntu.Sessions1 on the system bus "
@@ -423,6 +495,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--until-settled", action="store_true",
                    help=f"end when no session was queued, restoring or booting for {SETTLE_S:.0f} s")
     w.add_argument("--timeout", type=float, default=0.0, help="end after this many seconds")
+    add("jobs", cmd_jobs, "install requests from guests and installs", with_name=False)
+    i = add("install", cmd_install, "the disks a flavour may be installed onto; confirm or cancel a job",
+            with_name=False)
+    i.add_argument("action", choices=("targets", "confirm", "cancel"))
+    i.add_argument("what", metavar="FLAVOUR|JOB", help="targets: the flavour; confirm, cancel: the job number")
+    i.add_argument("disk", nargs="?", help="confirm: the target disk (see targets)")
+    i.add_argument("--no-wait", action="store_true", help="confirm: return once the install started")
+    i.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     return p
 
 

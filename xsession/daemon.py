@@ -31,6 +31,7 @@ from gi.repository import Gio, GLib
 from . import __version__, memory, scheduler, sharing
 from .bootopts import DEFAULT_MEDIA, BootOptions, parse_cmdline
 from .bus import API_VERSION, BUS_NAME, Authorizer, SessionsService
+from .install.dbus import install_service
 from .engine import Engine, State
 from .errors import MediumUnavailable, XSessionError
 from .manifest import MANIFEST_RELPATH, Manifest, load_manifest
@@ -338,8 +339,12 @@ class Daemon:
         except GLib.Error as e:
             log.error("cannot connect to the system bus: %s", e.message)
             return 1
-        self.service = SessionsService(con, self.engine, self, Authorizer(con, self.config.use_polkit))
+        authorizer = Authorizer(con, self.config.use_polkit)
+        self.service = SessionsService(con, self.engine, self, authorizer)
         self.service.publish()
+        if self.engine is not None:
+            self.service.install = install_service(con, self.engine, authorizer,
+                                                   lambda: self.profile.medium if self.profile else None)
         try:
             reply = con.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                                   "RequestName", GLib.Variant("(su)", (BUS_NAME, _DBUS_NAME_FLAG_DO_NOT_QUEUE)),
@@ -389,6 +394,8 @@ class Daemon:
         """Withdraw from the bus first (no call may start now), then let go of the engine."""
         self._notify("STOPPING=1")
         if self.service is not None:
+            if self.service.install is not None:
+                self.service.install.close()
             self.service.close()
         if self._monitor is not None:
             self._monitor.close()

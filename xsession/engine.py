@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .bootopts import BootOptions, RestorePolicy, check_flavours
 from .errors import InvalidState, MediumUnavailable, NoSuchFlavour, NotEnoughMemory, XSessionError
@@ -191,6 +192,9 @@ class Engine:
         self._medium_readers = 0
         self._medium_free = threading.Event()  # cleared while a restore reads the medium
         self._medium_free.set()
+        #: hears what each running guest says on its channel: ``(session, message)``, in the
+        #: channel's thread; it may refuse a message by raising ``ChannelError``
+        self.guest_messages: Callable[[str, object], None] | None = None
 
     # -- observing -------------------------------------------------------------
     def subscribe(self, callback: EventCallback) -> None:
@@ -299,6 +303,7 @@ class Engine:
                     continue
                 s.guest = guest
                 s.origin = "adopted"
+                self._listen(s, guest)
                 try:
                     paused = guest.status() == "paused"
                 except XSessionError:
@@ -484,6 +489,7 @@ class Engine:
                 else:
                     s.guest = guest
                     s.origin = origin
+                    self._listen(s, guest)
                     _mark_ran(rundir)
                     self._set(s, S.RUNNING, reason)
                     guest.on_exit(self._exit_watcher(s, guest))
@@ -550,6 +556,18 @@ class Engine:
         with self._lock:
             p = self._preloads.get(name)
             return (p.copied, p.size, p.pauses) if p is not None else (0, 0, 0)
+
+    def _listen(self, s: _Session, guest: Guest) -> None:
+        """Pass what the guest says on its channel to :attr:`guest_messages`."""
+        channel = getattr(guest, "channel", None)
+        if channel is not None:
+            channel.on_message = lambda message, name=s.flavour.name: (
+                self.guest_messages(name, message) if self.guest_messages is not None else None)
+
+    def channel(self, name: str) -> Any:
+        """The running guest's channel (``ChannelReader``: :meth:`send` answers it), or None."""
+        with self._lock:
+            return getattr(self._get(name).guest, "channel", None)
 
     def _exit_watcher(self, s: _Session, guest: Guest) -> Callable[[str], None]:
         """The callback that tells this session that this guest ended by itself."""

@@ -6,6 +6,8 @@ not exactly one of these is refused (counted and logged, never acted on)::
 
     xenubuntu1 ready FLAVOUR       once the flavour's session runs
     xenubuntu1 heartbeat N         every second after that, N = 1, 2, 3, ...
+    xenubuntu1 install-request ID  the person in the guest asks that its flavour be installed
+                                   (:mod:`xsession.install.protocol`; dom0 answers on the same socket)
 
 Lines are ASCII, at most :data:`MAX_LINE` bytes with their newline. A guest that
 sends more than :data:`MAX_LINES_PER_S` lines a second is not read for the rest
@@ -26,8 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PORT_NAME", "MAX_LINE", "MAX_LINES_PER_S", "Ready", "Heartbeat", "ChannelError", "parse_line",
-           "ChannelReader"]
+from .install.protocol import REQUEST as _INSTALL_REQUEST
+from .install.protocol import InstallRequest
+
+__all__ = ["PORT_NAME", "MAX_LINE", "MAX_LINES_PER_S", "Ready", "Heartbeat", "InstallRequest", "Message",
+           "ChannelError", "parse_line", "ChannelReader"]
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +54,15 @@ class Heartbeat:
     seq: int
 
 
+Message = Ready | Heartbeat | InstallRequest
+
+
 class ChannelError(ValueError):
-    """A line from a guest that is not a message of the protocol."""
+    """A line from a guest that is not a message of the protocol, or one that is refused
+    (a replayed install request)."""
 
 
-def parse_line(untrusted_line: bytes) -> Ready | Heartbeat:
+def parse_line(untrusted_line: bytes) -> Message:
     """One line (without its newline) from a guest.
 
     :raises ChannelError: anything but exactly a known message.
@@ -64,6 +73,8 @@ def parse_line(untrusted_line: bytes) -> Ready | Heartbeat:
         return Ready(m.group(1).decode("ascii"))
     if (m := _HEARTBEAT.fullmatch(untrusted_line)) is not None:
         return Heartbeat(int(m.group(1)))
+    if (m := _INSTALL_REQUEST.fullmatch(untrusted_line)) is not None:
+        return InstallRequest(m.group(1).decode("ascii"))
     if not untrusted_line.startswith(PROTOCOL.encode() + b" "):
         raise ChannelError("not a xenubuntu1 message")
     raise ChannelError("an unknown or malformed xenubuntu1 message")
@@ -74,11 +85,13 @@ class ChannelReader:
 
     The socket is QEMU's (a chardev server); the reader connects when it appears
     and reconnects if QEMU drops it. ``flavour`` is the name the guest must say
-    it is ready as. Call :meth:`close` when the guest ends.
+    it is ready as. ``on_message`` hears every accepted message (in the reader's
+    thread); it refuses one by raising :class:`ChannelError`. :meth:`send` answers
+    the guest. Call :meth:`close` when the guest ends.
     """
 
     def __init__(self, name: str, socket_path: Path, flavour: str,
-                 on_message: Callable[[Ready | Heartbeat], None] | None = None):
+                 on_message: Callable[[Message], None] | None = None):
         self.name = name
         self.socket_path = socket_path
         self.flavour = flavour
@@ -91,6 +104,7 @@ class ChannelReader:
         self._changed = threading.Condition()
         self._closed = threading.Event()
         self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"channel-{name}", daemon=True)
         self._thread.start()
 
@@ -103,6 +117,24 @@ class ChannelReader:
             except OSError:
                 pass
         self._thread.join(2.0)
+
+    def send(self, line: bytes) -> bool:
+        """Write one line to the guest, never waiting: a guest that does not read its port
+        must not hold up dom0 (the line is dropped). False when it was not written."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            with self._send_lock:
+                sent = sock.send(line, socket.MSG_DONTWAIT)
+        except OSError as e:  # BlockingIOError too: the guest's side is full
+            log.debug("%s: cannot write to the guest channel: %s", self.name, e)
+            return False
+        if sent != len(line):
+            log.warning("%s: the guest channel took %d of %d bytes of a line", self.name, sent, len(line),
+                        extra={"SESSION": self.name})
+            return False
+        return True
 
     # -- waiting -------------------------------------------------------------------
     def wait_ready(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
@@ -156,6 +188,9 @@ class ChannelReader:
                 in_window += 1
                 if in_window > MAX_LINES_PER_S:
                     self.refused += 1
+                    if in_window == MAX_LINES_PER_S + 1:
+                        log.warning("%s: the guest floods its channel; the rest of this second is dropped",
+                                    self.name, extra={"SESSION": self.name})
                     continue
                 self._handle(line)
 
@@ -170,14 +205,17 @@ class ChannelReader:
                 self._refuse(untrusted_line[:40], f"ready as {message.flavour!r}, not {self.flavour!r}")
                 return
             self.ready.set()
-        else:
+        elif isinstance(message, Heartbeat):
             with self._changed:
                 self.last_seq = message.seq
                 self.last_at = time.time()
                 self.heartbeats += 1
                 self._changed.notify_all()
         if self.on_message is not None:
-            self.on_message(message)
+            try:
+                self.on_message(message)
+            except ChannelError as e:
+                self._refuse(untrusted_line[:40], str(e))
 
     def _refuse(self, excerpt: bytes, why: str) -> None:
         self.refused += 1

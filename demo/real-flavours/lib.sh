@@ -144,6 +144,7 @@ common_configure() {
   # the guest agent and its port
   in_root groupadd -f -r xenubuntu
   install -m 755 "$DEMO/guest/xenubuntu-agent" "$ROOT/usr/local/bin/xenubuntu-agent"
+  install -m 755 "$DEMO/guest/xenubuntu-install" "$ROOT/usr/local/bin/xenubuntu-install"
   install -m 644 "$DEMO/guest/60-xenubuntu-guest.rules" "$ROOT/etc/udev/rules.d/60-xenubuntu-guest.rules"
   mkdir -p "$ROOT/etc/xenubuntu"
   {
@@ -170,6 +171,10 @@ desktop_configure() {  # $1 = X session name (/usr/share/xsessions/NAME.desktop)
     "$1" "$1" > "$ROOT/etc/lightdm/lightdm.conf.d/50-xenubuntu.conf"
   mkdir -p "$ROOT/etc/xdg/autostart"
   install -m 644 "$DEMO/guest/xenubuntu-agent.desktop" "$ROOT/etc/xdg/autostart/xenubuntu-agent.desktop"
+  # "Install this flavour" in the desktop's menu (a live ISO's root, a squashfs, is not installed)
+  if [ "$SOURCE" != iso ]; then
+    install -m 644 "$DEMO/guest/xenubuntu-install.desktop" "$ROOT/usr/share/applications/xenubuntu-install.desktop"
+  fi
   in_root systemctl set-default graphical.target >>"$BUILD_LOG" 2>&1
 }
 

@@ -21,6 +21,9 @@ GObject signals of :class:`SessionsClient`::
     session-changed(name, changed)   changed: list of property names
     manager-changed(changed)         changed: list of property names
     call-failed(CallError)           a method call was refused or failed
+    job-added(path)                  an install a guest asked for (:class:`Job`)
+    job-changed(path, changed)
+    job-removed(path)
 
 Pictures (:meth:`SessionsClient.get_picture`) are the one thing asked for again
 and again, by the chooser while it is shown; a failed picture is not an error
@@ -39,7 +42,7 @@ from gi.repository import Gio, GLib, GObject
 
 __all__ = [
     "BUS_NAME", "MANAGER_PATH", "MANAGER_IFACE", "SESSION_IFACE", "ERROR_PREFIX",
-    "ACTIONS", "ACTIVE_STATES", "PICTURE_KINDS", "Session", "Manager", "CallError", "SessionsClient",
+    "ACTIONS", "ACTIVE_STATES", "PICTURE_KINDS", "Session", "Manager", "Job", "CallError", "SessionsClient",
     "actions_for", "describe_error",
 ]
 
@@ -49,6 +52,7 @@ BUS_NAME = "org.xenubuntu.Sessions1"
 MANAGER_PATH = "/org/xenubuntu/Sessions1"
 MANAGER_IFACE = "org.xenubuntu.Sessions1.Manager"
 SESSION_IFACE = "org.xenubuntu.Sessions1.Session"
+JOB_IFACE = "org.xenubuntu.Sessions1.Job"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 ERROR_PREFIX = "org.xenubuntu.Sessions1.Error."
@@ -120,6 +124,31 @@ class Manager:
 _MANAGER_FIELDS = {
     "Version": "version", "Backend": "backend", "DefaultFlavour": "default_flavour",
     "RestorePolicy": "restore_policy", "Memory": "memory", "Medium": "medium", "Warnings": "warnings",
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """An install job (docs/dbus.md, "Install jobs"), as the daemon last described it."""
+
+    path: str
+    number: int = 0
+    session: str = ""
+    flavour: str = ""
+    state: str = ""
+    target: str = ""
+    progress: float = 0.0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate: int = 0
+    expected_end: int = 0
+    error: str = ""
+
+
+_JOB_FIELDS = {
+    "Number": "number", "Session": "session", "Flavour": "flavour", "State": "state", "Target": "target",
+    "Progress": "progress", "BytesDone": "bytes_done", "BytesTotal": "bytes_total", "Rate": "rate",
+    "ExpectedEndTime": "expected_end", "Error": "error",
 }
 
 
@@ -203,6 +232,12 @@ def describe_error(name: str, message: str, flavour: str, sessions: Mapping[str,
         "NameHasNoOwner": "The session manager is not running",
         "NoReply": "The session manager did not answer",
         "AccessDenied": "The system bus refused the request",
+        "TargetIsLiveMedium": "That disk holds the live system",
+        "TargetInUse": "That disk is in use",
+        "TargetTooSmall": f"That disk is too small for {title}",
+        "NoSuchTarget": "That is not a disk",
+        "TargetRefused": "That disk cannot be used",
+        "NoSuchJob": "That install request is gone",
     }
     head = meanings.get(short, f"{title}: {short}")
     return f"{head}: {message}" if message else head
@@ -233,6 +268,9 @@ class SessionsClient(GObject.Object):
         "session-changed": (GObject.SignalFlags.RUN_LAST, None, (str, object)),
         "manager-changed": (GObject.SignalFlags.RUN_LAST, None, (object,)),
         "call-failed": (GObject.SignalFlags.RUN_LAST, None, (object,)),
+        "job-added": (GObject.SignalFlags.RUN_LAST, None, (str,)),
+        "job-changed": (GObject.SignalFlags.RUN_LAST, None, (str, object)),
+        "job-removed": (GObject.SignalFlags.RUN_LAST, None, (str,)),
     }
 
     def __init__(self, address: str | None = None):
@@ -241,6 +279,7 @@ class SessionsClient(GObject.Object):
         self.con: Gio.DBusConnection | None = None
         self.owner: str = ""               # the daemon's unique name while it runs
         self.sessions: dict[str, Session] = {}   # name -> snapshot, in restore order
+        self.jobs: dict[str, Job] = {}           # path -> install job
         self.manager = Manager()
         self._watch_id = 0
         self._subscriptions: list[int] = []
@@ -303,6 +342,9 @@ class SessionsClient(GObject.Object):
         for n in list(self.sessions):
             del self.sessions[n]
             self.emit("session-removed", n)
+        for path in list(self.jobs):
+            del self.jobs[path]
+            self.emit("job-removed", path)
         if was:
             log.info("%s left the bus", name)
             self.emit("disconnected")
@@ -320,7 +362,24 @@ class SessionsClient(GObject.Object):
             self.emit("session-removed", name)
         for s in sorted(fresh.values(), key=lambda s: (s.priority, s.name)):
             self._put(s)
+        jobs = {path: ifaces[JOB_IFACE] for path, ifaces in objects.items() if JOB_IFACE in ifaces}
+        for path in [p for p in self.jobs if p not in jobs]:
+            del self.jobs[path]
+            self.emit("job-removed", path)
+        for path, props in jobs.items():
+            self._put_job(path, props)
         self.emit("connected")
+
+    def _put_job(self, path: str, props: Mapping[str, Any]) -> None:
+        job, names = _apply(self.jobs.get(path, Job(path)), _JOB_FIELDS, props)
+        job = replace(job, session=job.session.rsplit("/", 1)[-1])
+        known = path in self.jobs
+        self.jobs[path] = job
+        if known:
+            if names:
+                self.emit("job-changed", path, names)
+        else:
+            self.emit("job-added", path)
 
     def _put(self, s: Session) -> None:
         if s.name in self.sessions:
@@ -359,16 +418,23 @@ class SessionsClient(GObject.Object):
                 self.manager, names = _apply(self.manager, _MANAGER_FIELDS, changed)
                 if names:
                     self.emit("manager-changed", names)
+            elif target_iface == JOB_IFACE and path in self.jobs:
+                self._put_job(path, changed)
         elif signal == "InterfacesAdded":
             obj, ifaces = params.unpack()
             if SESSION_IFACE in ifaces:
                 self._put(self._session_from(obj, ifaces[SESSION_IFACE]))
+            if JOB_IFACE in ifaces:
+                self._put_job(obj, ifaces[JOB_IFACE])
         elif signal == "InterfacesRemoved":
             obj, ifaces = params.unpack()
             name = obj.rsplit("/", 1)[-1]
             if SESSION_IFACE in ifaces and name in self.sessions:
                 del self.sessions[name]
                 self.emit("session-removed", name)
+            if JOB_IFACE in ifaces and obj in self.jobs:
+                del self.jobs[obj]
+                self.emit("job-removed", obj)
 
     # -- methods -----------------------------------------------------------------------
     def activate(self, flavour: str, reset: bool = False,
@@ -383,6 +449,18 @@ class SessionsClient(GObject.Object):
         path = self.sessions[flavour].path if flavour in self.sessions else f"{MANAGER_PATH}/session/{flavour}"
         self._call(path, SESSION_IFACE, method, None, "()", (lambda reply: done()) if done else None,
                    method, flavour)
+
+    def install_targets(self, flavour: str, done: Callable[[list[tuple[str, int, str]]], None]) -> None:
+        """The disks ``flavour`` may be installed onto: ``done([(device, bytes, model), ...])``."""
+        self._call(MANAGER_PATH, MANAGER_IFACE, "ListInstallTargets", GLib.Variant("(s)", (flavour,)), "(a(sts))",
+                   lambda reply: done(list(reply[0])), "ListInstallTargets", flavour)
+
+    def job_call(self, path: str, method: str, disk: str = "", done: Callable[[], None] | None = None) -> None:
+        """``Confirm`` (onto ``disk``) or ``Cancel`` an install job."""
+        job = self.jobs.get(path)
+        args = GLib.Variant("(s)", (disk,)) if method == "Confirm" else None
+        self._call(path, JOB_IFACE, method, args, "()", (lambda reply: done()) if done else None,
+                   f"install {method}", job.flavour if job else "")
 
     def get_picture(self, flavour: str, max_width: int, done: Callable[[bytes, str], None],
                     failed: Callable[[str], None] | None = None) -> None:

@@ -29,6 +29,7 @@ from gi.repository import Gdk, GLib, Gtk  # noqa: E402
 
 from .chooser import Chooser  # noqa: E402
 from .client import ACTIVE_STATES, CallError, SessionsClient  # noqa: E402
+from .install import InstallDialog  # noqa: E402
 from .console import HOST_KEY, HOST_KEY_LABEL, ConsoleView  # noqa: E402
 
 __all__ = ["MainWindow", "main"]
@@ -96,6 +97,10 @@ class MainWindow(Gtk.Window):
         client.connect("connected", lambda _c: self._maybe_auto_show(client.manager.default_flavour))
         client.connect("session-changed", lambda _c, name, _ch: self._maybe_auto_show(name))
         client.connect("manager-changed", lambda _c, _ch: self._maybe_auto_show(client.manager.default_flavour))
+        #: install requests from guests: a confirmation dialog each, shown when the request arrives
+        self.install_dialogs: dict[str, InstallDialog] = {}
+        client.connect("job-added", lambda _c, path: self.show_install(path))
+        client.connect("job-removed", lambda _c, path: self.install_dialogs.pop(path, None))
         outer.show_all()
 
     # -- pages ---------------------------------------------------------------------
@@ -183,6 +188,19 @@ class MainWindow(Gtk.Window):
             self.show_console(name)
 
     # -- actions and messages ------------------------------------------------------
+    def show_install(self, path: str) -> InstallDialog | None:
+        """The confirmation dialog of a pending install job (made once, shown again after "Not now")."""
+        job = self.client.jobs.get(path)
+        if job is None:
+            return None
+        dialog = self.install_dialogs.get(path)
+        if dialog is None:
+            if job.state != "pending":
+                return None
+            dialog = self.install_dialogs[path] = InstallDialog(self, self.client, path)
+        dialog.present()
+        return dialog
+
     def _act(self, name: str, method: str) -> None:
         self._auto_show = False
         self.client.session_call(name, method)

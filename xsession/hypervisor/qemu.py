@@ -741,7 +741,9 @@ class QemuBackend:
 
         :returns: a note for the session's reason when something could not be done.
         """
-        if not flavour.machine.guest_channel:
+        if flavour.readiness != "channel":
+            # our agent (channel readiness) and qemu-guest-agent come together in a flavour;
+            # one that only has the port (the demo guests: install requests) has no agent
             return ""
         try:
             with guest.agent() as agent:

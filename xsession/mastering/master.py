@@ -147,7 +147,7 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
                 backend.settle(guest, flavour)  # the desktop painted, as a person would find it
                 report(f"{spec.name}: screen settled after {time.monotonic() - t0:.1f} s")
             time.sleep(settle_s)
-            if flavour.machine.guest_channel:
+            if flavour.readiness == "channel":  # our agent runs with qemu-guest-agent in it
                 # caches dropped (a smaller statefile), then what a restore needs first warmed again
                 backend.prepare_for_save(guest, flavour)
             t1 = time.monotonic()

@@ -90,12 +90,13 @@ def read_build(folder: Path) -> BuiltFlavour:
 
 def initrd_flavour(name: str, title: str, priority: int, memory_mib: int, vcpus: int, cmdline: str,
                    accel: str, cpu: str) -> Flavour:
-    """A demo guest: shared kernel, its own initrd, a small disk."""
+    """A demo guest: shared kernel, its own initrd, a small disk, and the guest channel
+    (it sends install requests; it has no agent, so it is ready on its console)."""
     base = f"flavours/{name}"
     return Flavour(
         name=name, title=title, priority=priority, backend="qemu",
         machine=MachineConfig(machine_type=DEFAULT_MACHINE_TYPE, memory_mib=memory_mib, vcpus=vcpus,
-                              accel=accel, cpu=cpu, vga="std", disk_bus="virtio"),
+                              accel=accel, cpu=cpu, vga="std", disk_bus="virtio", guest_channel=True),
         disk=Disk(base=f"{base}/disk-base.qcow2", saved_overlay=f"{base}/disk-saved.qcow2",
                   session_template=f"{base}/disk-session.qcow2"),
         statefile=None,
