@@ -1,6 +1,6 @@
 #!/bin/bash
 # Builds the demo flavours' guests from Debian's packages: one kernel shared by
-# all and one initramfs per flavour (busybox-static, the virtio disk modules,
+# all and one initramfs per flavour (busybox-static, the virtio disk and network modules,
 # demo/guest-init and the flavour's identity). Cached: a second run with the same
 # packages does nothing.
 #   build-guests.sh OUTDIR [NAME:TITLE:KIND ...]
@@ -45,7 +45,8 @@ for spec in "$@"; do
   R="$X/root-$name"
   mkdir -p "$R"/{bin,dev,proc,sys,run,etc,lib/modules}
   cp "$X/bb/bin/busybox" "$R/bin/busybox"
-  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk \
+           failover net_failover virtio_net; do
     f=$(find "$X/k/lib/modules/$KVER" -name "$m.ko*" | head -n1)
     [ -n "$f" ] && cp "$f" "$R/lib/modules/$m.ko"
   done

@@ -117,6 +117,7 @@ class Daemon:
         self._status = ""
         self._notifier = Notifier()
         self._lock_fd: int | None = None
+        self.network: Any = None  # xsession.network.InternalNetwork, when the medium has one
 
     # -- start-up --------------------------------------------------------------------
     def _read_medium(self) -> None:
@@ -134,6 +135,7 @@ class Daemon:
             self.medium.problem = MediumUnavailable(str(root / MANIFEST_RELPATH), f"the manifest is unusable: {e}")
             self.warnings.append(str(self.medium.problem))
             return
+        self._start_network(manifest)
         self._detect_hardware(root)
         speed = self.profile.medium.speed if self.profile is not None and self.profile.medium else "unknown"
         cpus = self.profile.cpus if self.profile is not None else (os.cpu_count() or 1)
@@ -147,6 +149,21 @@ class Daemon:
                                             overhead=self.backend.overhead_mib, backend=self.backend.name,
                                             balloon=getattr(self.backend, "balloon_dom0", None))
         self.engine = engine
+
+    def _start_network(self, manifest: Manifest) -> None:
+        """dom0's internal network, when the medium's flavours have NICs on it; a failure is
+        a warning (the guests then run with their NICs unplugged), never a stop."""
+        from .network import network_for
+        if self.backend.name != "qemu":
+            return  # Xen's vifs on the bridge are not done yet
+        try:
+            net = network_for(manifest, self.options.network, self.config.runtime_dir / "network")
+            if net is not None:
+                net.up()
+                self.backend.network = net
+                self.network = net
+        except XSessionError as e:
+            self.warnings.append(f"{e}; the guests run without a network")
 
     def _detect_hardware(self, root: Path) -> None:
         try:
@@ -373,8 +390,11 @@ class Daemon:
             self.service.close()
         if self._monitor is not None:
             self._monitor.close()
+        stop = self.config.stop_guests_on_exit if stop_guests is None else stop_guests
         if self.engine is not None:
-            self.engine.shutdown(stop_guests=self.config.stop_guests_on_exit if stop_guests is None else stop_guests)
+            self.engine.shutdown(stop_guests=stop)
+        if self.network is not None:
+            self.network.close(teardown=stop)  # guests that stay keep their network
         try:
             con.flush_sync(None)
         except GLib.Error:

@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..errors import ManifestError
-from ..manifest import Flavour, Manifest, Statefile, manifest_to_dict, parse_manifest
+from ..manifest import NICS, Flavour, Manifest, Statefile, manifest_to_dict, parse_manifest
 from ..cpumodel import FALLBACK_MODEL, choose_model, read_cpuinfo
+from ..netplan import NetworkMode, plan_network
+from ..network import NIC_ON_NETWORK, InternalNetwork
 from . import sources
 from .sources import DEFAULT_MACHINE_TYPE
 
@@ -59,6 +61,8 @@ class FlavourSpec:
     vcpus: int = 1
     #: a folder holding ``flavour.json`` (a disk image or a live ISO), relative to the guests folder
     build: str = ""
+    #: the NIC (``none``, ``user``, ``internal``); empty: the source's own choice
+    nic: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ def load_spec(path: Path, memory_override: dict[str, int] | None = None) -> Medi
                                         priority=int(f.get("priority", 100)),
                                         memory_mib=None if memory is None else int(memory),
                                         initrd=f.get("initrd", ""), vcpus=int(f.get("vcpus", 1)),
-                                        build=f.get("build", "")))
+                                        build=f.get("build", ""), nic=str(f.get("nic", ""))))
+            if flavours[-1].nic not in ("", *NICS):
+                raise ValueError(f"nic of {f['name']} must be one of {', '.join(NICS)}")
         if any(not f.build for f in flavours) and "kernel" not in data:
             raise KeyError("kernel")
         return MediumSpec(default=data.get("default", flavours[0].name), flavours=tuple(flavours),
@@ -107,8 +113,9 @@ def _lay_out(spec: FlavourSpec, medium: MediumSpec, guests: Path, fdir: Path, ac
         shutil.copyfile(guests / spec.initrd, fdir / "initrd.cpio")
         sources.disk_layers(fdir, base_size_mib=medium.disk_mib)
         assert spec.memory_mib is not None  # load_spec requires it of initrd guests
-        return sources.initrd_flavour(spec.name, spec.title, spec.priority, spec.memory_mib, spec.vcpus,
-                                      medium.cmdline, accel, cpu)
+        flavour = sources.initrd_flavour(spec.name, spec.title, spec.priority, spec.memory_mib, spec.vcpus,
+                                         medium.cmdline, accel, cpu)
+        return _with_nic(flavour, spec.nic)
     build = sources.read_build(guests / spec.build)
     if build.name != spec.name:
         raise ManifestError(str(guests / spec.build / "flavour.json"),
@@ -121,7 +128,11 @@ def _lay_out(spec: FlavourSpec, medium: MediumSpec, guests: Path, fdir: Path, ac
     else:
         sources.disk_layers(fdir, base_image=build.folder / build.image)
     flavour = sources.built_flavour(build, spec.priority, spec.memory_mib, spec.vcpus, accel, cpu)
-    return replace(flavour, title=spec.title if spec.title != spec.name else flavour.title)
+    return _with_nic(replace(flavour, title=spec.title if spec.title != spec.name else flavour.title), spec.nic)
+
+
+def _with_nic(flavour: Flavour, nic: str) -> Flavour:
+    return replace(flavour, machine=replace(flavour.machine, nic=nic)) if nic else flavour
 
 
 def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, guests: Path, root: Path,
@@ -206,10 +217,23 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     from ..hypervisor.qemu import QemuBackend
     # saved with a known generation ID: any restore that gives another one reseeds the guest
     backend = QemuBackend(vmgenid_guid=MASTERING_VMGENID)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report, level)
-                   for f in spec.flavours]
-        flavours = tuple(f.result() for f in futures)
+    # flavours on the internal network are saved on it, with the addresses they keep at every restore
+    on_net = [f.name for f in spec.flavours if f.nic == NIC_ON_NETWORK]
+    network = InternalNetwork(plan_network(on_net, NetworkMode.INTERNAL),
+                              Path(tempfile.mkdtemp(prefix="xsm-net-"))) if on_net else None
+    try:
+        if network is not None:
+            network.up()
+            backend.network = network
+            report(f"internal network up: dom0 {network.address}, {len(on_net)} flavour(s) on it")
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = [pool.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report, level)
+                       for f in spec.flavours]
+            flavours = tuple(f.result() for f in futures)
+    finally:
+        if network is not None:
+            network.close(teardown=True)
+            shutil.rmtree(network.rundir, ignore_errors=True)
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     manifest = Manifest(path=str(root / "manifest.yaml"), default=spec.default, flavours=flavours, created=created)
     text = "# XenUbuntu medium manifest, written by xsession-master\n" + yaml.safe_dump(
