@@ -198,3 +198,25 @@ def test_with_the_network_off_the_guests_run_unplugged_and_no_bridge_is_made(
     assert BRIDGE not in dom0.links()
     assert not reaches(_serial(runtime_dir, "ubuntu"), plan_network(["ubuntu"], NetworkMode.OFF).dom0_address)
     client.close()
+
+
+def test_guests_that_outlive_the_manager_keep_their_network_and_the_next_manager_takes_it_over(
+        network_medium: Path, netns: list[Netns], xsessiond, private_bus: str, runtime_dir: Path):
+    plan = plan_network(["ubuntu", "server"], NetworkMode.INTERNAL)
+    dom0 = Netns("dom0")
+    netns.append(dom0)
+    first = xsessiond("xenubuntu.restore=eager", medium_path=network_medium, wrap=dom0.wrap, stop_guests=False)
+    client = Client(private_bus)
+    for name in ("ubuntu", "server"):
+        client.wait_state(name, {"running"}, timeout=120)
+    client.close()
+    assert first.terminate() == 0
+    ubuntu = _serial(runtime_dir, "ubuntu")
+    assert BRIDGE in dom0.links() and reaches(ubuntu, plan.lease("server").address)  # still plugged in
+    xsessiond("xenubuntu.restore=off", medium_path=network_medium, wrap=dom0.wrap)  # adopts; stops them at the end
+    client = Client(private_bus)
+    assert client.states() == {"ubuntu": "running", "server": "running"}
+    assert reaches(ubuntu, plan.lease("server").address) and reaches(ubuntu, plan.dom0_address)
+    answer = " ".join(guest_sh(ubuntu, f"nslookup server.{DOMAIN} {plan.dom0_address}"))
+    assert plan.lease("server").address in answer  # the new manager's dnsmasq answers
+    client.close()

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
+from ..errors import HypervisorError, MediumUnavailable, NetworkError, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..cpumodel import HostCpu, check_model, read_cpuinfo
 from ..diskchain import check_chain
@@ -512,7 +512,11 @@ class QemuBackend:
         overlay, backing = disk if isinstance(disk, tuple) else (disk, None)
         netdev = None
         if flavour.machine.nic == "internal" and self.network is not None:
-            netdev = self.network.attach(flavour.name)
+            try:
+                netdev = self.network.attach(flavour.name)
+            except NetworkError as e:  # the session runs, unplugged, and says why
+                logging.getLogger(__name__).warning("%s: runs without the internal network: %s", flavour.name,
+                                                    e, extra={"SESSION": flavour.name})
         argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, overlay,
                          incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel,
                          disk_backing=backing, vmgenid_guid=self.vmgenid_guid, netdev=netdev)
