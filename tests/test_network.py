@@ -79,6 +79,17 @@ def test_the_network_boot_option(value, mode, warned):
     assert bool([w for w in opts.warnings if "network" in w]) == warned
 
 
+def test_a_spec_names_the_nic_of_each_flavour_or_is_refused(tmp_path: Path):
+    from xsession.errors import ManifestError
+    from xsession.mastering.master import load_spec
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(NET_SPEC)
+    assert [f.nic for f in load_spec(spec).flavours] == ["internal", "internal"]
+    spec.write_text(NET_SPEC.replace("nic: internal}", "nic: bridged}", 1))
+    with pytest.raises(ManifestError, match="nic of ubuntu must be one of none, user, internal"):
+        load_spec(spec)
+
+
 # --- real guests in namespaces -----------------------------------------------------------
 
 NET_SPEC = """\
