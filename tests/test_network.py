@@ -207,7 +207,12 @@ def test_with_the_network_off_the_guests_run_unplugged_and_no_bridge_is_made(
     netns.append(dom0)
     client = _restore_both(xsessiond, private_bus, network_medium, dom0, "xenubuntu.network=off")
     assert BRIDGE not in dom0.links()
-    assert not reaches(_serial(runtime_dir, "ubuntu"), plan_network(["ubuntu"], NetworkMode.OFF).dom0_address)
+    ubuntu = _serial(runtime_dir, "ubuntu")
+    plan = plan_network(["ubuntu", "server"], NetworkMode.OFF)
+    # restored, not cold-booted: the NIC it was saved with loads unplugged, its address kept
+    assert guest_sh(ubuntu, "cat /run/address") == [plan.lease("ubuntu").address]
+    assert b"XS-BOOT" not in (runtime_dir / "sessions" / "ubuntu" / "console.log").read_bytes()
+    assert not reaches(ubuntu, plan.dom0_address)
     client.close()
 
 

@@ -164,7 +164,10 @@ class InternalNetwork:
             _run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], f"create the tap of {name}")
         _run(["ip", "link", "set", tap, "master", self.plan.bridge], f"put {name}'s tap on the bridge")
         _run(["ip", "link", "set", tap, "up"], f"bring {name}'s tap up")
-        return f"tap,id=net0,ifname={tap},script=no,downscript=no"
+        # without the virtio header the NIC offers the guest no offloads: its features then do
+        # not depend on what it is plugged into, so a guest saved on the bridge also restores
+        # unplugged (network off) or on another backend
+        return f"tap,id=net0,ifname={tap},script=no,downscript=no,vnet_hdr=off"
 
     def close(self, teardown: bool = True) -> None:
         """Tear the network down (``teardown``), or leave it to the guests that outlive us."""
