@@ -236,3 +236,20 @@ def test_guests_that_outlive_the_manager_keep_their_network_and_the_next_manager
     answer = " ".join(guest_sh(ubuntu, f"nslookup server.{DOMAIN} {plan.dom0_address}"))
     assert plan.lease("server").address in answer  # the new manager's dnsmasq answers
     client.close()
+
+
+def test_a_session_whose_tap_cannot_join_the_bridge_runs_unplugged_and_says_why(
+        network_medium: Path, netns: list[Netns], xsessiond, private_bus: str, runtime_dir: Path):
+    """An interface named like the bridge that is no bridge: the network comes up, the taps
+    cannot join it, and the guests are restored anyway (unplugged), with the reason logged."""
+    dom0 = Netns("dom0")
+    netns.append(dom0)
+    dom0.run("ip", "link", "add", BRIDGE, "type", "veth", "peer", "name", "xsbr0-peer")
+    daemon = xsessiond("xenubuntu.restore=eager", medium_path=network_medium, wrap=dom0.wrap)
+    client = Client(private_bus)
+    for name in ("ubuntu", "server"):
+        client.wait_state(name, {"running"}, timeout=120)
+        assert b"XS-BOOT" not in (runtime_dir / "sessions" / name / "console.log").read_bytes()  # restored
+    assert "ubuntu: runs without the internal network" in daemon.log_text()
+    assert not reaches(_serial(runtime_dir, "ubuntu"), plan_network(["ubuntu"], NetworkMode.INTERNAL).dom0_address)
+    client.close()
