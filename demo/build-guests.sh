@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds the demo flavours' guests from Debian's packages: one kernel shared by
-# all and one initramfs per flavour (busybox-static, the virtio disk and console
-# modules, ext4's (to read its root once installed),
+# all and one initramfs per flavour (busybox-static, the virtio disk, console and
+# network modules, ext4's (to read its root once installed),
 # demo/guest-init and the flavour's identity). Cached: a second run with the same
 # packages does nothing.
 #   build-guests.sh OUTDIR [NAME:TITLE:KIND ...]
@@ -48,7 +48,7 @@ for spec in "$@"; do
   mkdir -p "$R"/{bin,dev,proc,sys,run,etc,lib/modules}
   cp "$X/bb/bin/busybox" "$R/bin/busybox"
   for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console \
-           crc16 mbcache jbd2 crc32c_generic ext4; do
+           crc16 mbcache jbd2 crc32c_generic ext4 failover net_failover virtio_net; do
     f=$(find "$X/k/lib/modules/$KVER" -name "$m.ko*" | head -n1)
     [ -n "$f" ] && cp "$f" "$R/lib/modules/$m.ko"
   done

@@ -238,9 +238,11 @@ class Daemon:
 
 
 def start_daemon(address: str, runtime_dir: Path, medium: Path, cmdline: str, *, stop_guests: bool = True,
-                 extra: tuple[str, ...] = (), env_extra: dict[str, str] | None = None) -> Daemon:
+                 extra: tuple[str, ...] = (), env_extra: dict[str, str] | None = None,
+                 wrap: tuple[str, ...] = ()) -> Daemon:
     """xsessiond as the unit would run it, but on the private bus; not yet ready when it returns.
 
+    ``wrap``: a command the daemon runs under (``ip netns exec NS``: its own network).
     Same-page merging is a machine-wide setting, and the suite runs many daemons side by
     side: each runs with ``xenubuntu.share=off`` unless its command line says otherwise."""
     if "xenubuntu.share=" not in cmdline:
@@ -252,7 +254,7 @@ def start_daemon(address: str, runtime_dir: Path, medium: Path, cmdline: str, *,
     notify.bind(str(sock_path))
     env = {k: v for k, v in os.environ.items() if k not in ("XENUBUNTU_OPTIONS", "XENUBUNTU_MEDIUM", "JOURNAL_STREAM")}
     env.update(DBUS_SYSTEM_BUS_ADDRESS=address, NOTIFY_SOCKET=str(sock_path), **(env_extra or {}))
-    argv = [sys.executable, "-m", "xsession.daemon", "--medium", str(medium), "--runtime-dir", str(runtime_dir),
+    argv = [*wrap, sys.executable, "-m", "xsession.daemon", "--medium", str(medium), "--runtime-dir", str(runtime_dir),
             "--cmdline", cmdline, *(["--stop-guests-on-exit"] if stop_guests else []), *extra]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)

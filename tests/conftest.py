@@ -163,9 +163,10 @@ def xsessiond(private_bus: str, runtime_dir: Path, medium: Path):
     daemons = []
 
     def start(cmdline: str = "xenubuntu.restore=off", *, medium_path: Path | None = None, stop_guests: bool = True,
-              wait: bool = True, extra: tuple[str, ...] = (), env: dict[str, str] | None = None):
+              wait: bool = True, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+              wrap: tuple[str, ...] = ()):
         d = start_daemon(private_bus, runtime_dir, medium_path or medium, cmdline, stop_guests=stop_guests,
-                         extra=extra, env_extra=env)
+                         extra=extra, env_extra=env, wrap=wrap)
         daemons.append(d)
         if wait:
             d.wait_ready()

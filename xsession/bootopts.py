@@ -16,8 +16,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-__all__ = ["RestorePolicy", "BootOptions", "parse_cmdline", "parse_size_mib", "check_flavours", "split_cmdline",
-           "PREFIX"]
+from .netplan import NetworkMode
+
+__all__ = ["RestorePolicy", "NetworkMode", "BootOptions", "parse_cmdline", "parse_size_mib", "check_flavours",
+           "split_cmdline", "PREFIX"]
 
 PREFIX = "xenubuntu."
 DEFAULT_MEDIA = ("/cdrom", "/run/live/medium")
@@ -45,6 +47,8 @@ class BootOptions:
     medium: str | None = None
     #: ``auto``: identical pages of the sessions are merged (KSM) where the host can; ``off``: never
     share: str = "auto"
+    #: dom0's internal network: internal (default), off, or outside (NAT to the world)
+    network: NetworkMode = NetworkMode.INTERNAL
     warnings: tuple[str, ...] = ()
 
     def with_warnings(self, *more: str) -> BootOptions:
@@ -141,6 +145,12 @@ def parse_cmdline(cmdline: str) -> BootOptions:
                     warnings.append(f"boot option {shown}: ignoring malformed name(s) {', '.join(bad)}")
             else:
                 warnings.append(f"boot option {shown}: no usable flavour name; using all flavours")
+        elif key == "network":
+            try:
+                opts = replace(opts, network=NetworkMode(value.lower()))
+            except ValueError:
+                warnings.append(f"boot option {shown}: expected internal, off or outside; "
+                                "using internal (no route to the outside)")
         elif key == "medium":
             if value.startswith("/") and "\0" not in value:
                 opts = replace(opts, medium=value)

@@ -121,6 +121,8 @@ class Daemon:
         self._lock_fd: int | None = None
         self._ksm = Ksm()
         self.sharing = SharingDecision(False, "no sessions")
+        self.network: Any = None  # xsession.network.InternalNetwork, when the medium has one
+        self.pool_server: Any = None  # xsession.poolserver.PoolServer, when the medium has a pool
 
     # -- start-up --------------------------------------------------------------------
     def _read_medium(self) -> None:
@@ -138,6 +140,7 @@ class Daemon:
             self.medium.problem = MediumUnavailable(str(root / MANIFEST_RELPATH), f"the manifest is unusable: {e}")
             self.warnings.append(str(self.medium.problem))
             return
+        self._start_network(manifest, root)
         self._detect_hardware(root)
         speed = self.profile.medium.speed if self.profile is not None and self.profile.medium else "unknown"
         cpus = self.profile.cpus if self.profile is not None else (os.cpu_count() or 1)
@@ -152,6 +155,32 @@ class Daemon:
                                             balloon=getattr(self.backend, "balloon_dom0", None))
         self.engine = engine
         self.sharing = sharing.decide(engine.options.share, self.backend.name, self._ksm.available())
+
+    def _start_network(self, manifest: Manifest, root: Path) -> None:
+        """dom0's internal network, when the medium's flavours have NICs on it, and the
+        medium's package pool served on it; a failure is a warning (the guests then run
+        with their NICs unplugged, or without the pool), never a stop."""
+        from .netplan import POOL_PORT, NetworkMode
+        from .network import network_for
+        from .poolserver import PoolServer
+        if self.backend.name != "qemu":
+            return  # Xen's vifs on the bridge are not done yet
+        try:
+            net = network_for(manifest, self.options.network, self.config.runtime_dir / "network")
+            if net is None:
+                return
+            net.up()
+            self.backend.network = net
+            self.network = net
+        except XSessionError as e:
+            self.warnings.append(f"{e}; the guests run without a network")
+            return
+        if self.options.network is NetworkMode.OFF:
+            return
+        try:
+            self.pool_server = PoolServer.for_medium(root, net.address, POOL_PORT)
+        except XSessionError as e:
+            self.warnings.append(f"{e}; the guests cannot install packages")
 
     def _detect_hardware(self, root: Path) -> None:
         try:
@@ -399,8 +428,13 @@ class Daemon:
             self.service.close()
         if self._monitor is not None:
             self._monitor.close()
+        stop = self.config.stop_guests_on_exit if stop_guests is None else stop_guests
         if self.engine is not None:
-            self.engine.shutdown(stop_guests=self.config.stop_guests_on_exit if stop_guests is None else stop_guests)
+            self.engine.shutdown(stop_guests=stop)
+        if self.pool_server is not None:
+            self.pool_server.close()
+        if self.network is not None:
+            self.network.close(teardown=stop)  # guests that stay keep their network
         self._ksm.restore()
         try:
             con.flush_sync(None)

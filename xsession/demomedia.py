@@ -23,6 +23,7 @@ import inspect
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,9 @@ from .manifest import MANIFEST_RELPATH, load_manifest
 from .mastering import master as _master
 from . import screen as _screen
 from .mastering import sources as _sources
+from .mastering import pool as _pool
+from . import netplan as _netplan
+from . import network as _network
 from .mastering.master import load_spec, master_medium
 
 __all__ = ["REPO", "DEMO", "CACHE", "MEDIA_CACHE", "REAL_FLAVOURS", "ensure_demo_medium", "ensure_real_flavour",
@@ -99,7 +103,8 @@ def _mastering_key(spec: Path, builds: dict[str, Path]) -> str:
     h = hashlib.sha256(spec.read_bytes())
     for name, folder in sorted(builds.items()):
         h.update(f"{name}={folder.name}\n".encode())
-    for code in (_master, _sources, _screen, qemu.qemu_argv, qemu.QemuBackend.boot_for_save, qemu.QemuBackend.save,
+    for code in (_master, _sources, _screen, _pool, _netplan, _network,
+                 qemu.qemu_argv, qemu.QemuBackend.boot_for_save, qemu.QemuBackend.save,
                  qemu.QemuBackend.settle, qemu.QemuBackend._wait_settled, qemu.QemuBackend._wait_ready,
                  qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE,
                  repr((qemu.SETTLE_QUIET_S, qemu.SETTLE_QUIET_PLAIN_S, qemu.PAINTED_COLOURS, qemu.SETTLE_SAMPLE_S,
@@ -154,12 +159,28 @@ def ensure_desktop_medium(report: Report = print, spec: Path = DEMO / "desktops.
                 (guests / name).symlink_to(folder)
             out = work / "medium"
             report("mastering the desktop medium (each flavour boots once, settles and is saved) ...")
-            master_medium(load_spec(spec), guests, out, jobs=1, report=lambda line: report("  " + line))
+            _master_in_namespace(spec, guests, out, next(iter(builds.values())).parent / "debs", report)
             (out / COMPLETE).write_text(json.dumps({"key": key, "files": _sizes(out)}, indent=1))
             out.rename(medium)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        for old in cache.glob("desktops-*"):
-            if old != medium and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)  # an older recipe's: no test or demo uses it now
     return medium
+
+
+def _master_in_namespace(spec: Path, guests: Path, out: Path, debs: Path, report: Report) -> None:
+    """``xsession-master`` in a network namespace of its own: the flavours are saved on
+    an internal network like dom0's (same addresses), made where it touches no other
+    network, and their packages go into the medium's pool.
+
+    :raises XSessionError: mastering failed (its last lines say why).
+    """
+    argv = ["unshare", "--net", "--", sys.executable, "-m", "xsession.mastering.cli", str(spec),
+            "--guests", str(guests), "--out", str(out), "--jobs", "1", "--pool-debs", str(debs)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:
+        report("  " + line.rstrip("\n"))
+        tail = (tail + [line.rstrip()])[-5:]
+    if proc.wait() != 0:
+        raise XSessionError(f"mastering the desktop medium failed ({proc.returncode}): {' | '.join(tail)}")

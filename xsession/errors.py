@@ -13,6 +13,8 @@ Callers catch meanings, not causes::
      +-- NotAuthorized          a caller that polkit refused
      +-- Failed                 anything else; the cause is chained
           +-- HypervisorError   a hypervisor command or process failed
+          +-- NetworkError      dom0's internal network could not be planned or set up
+          +-- PoolError         the medium's package pool could not be built or served
 
 Each error writes its own sentence in ``__str__`` ("what failed: why"). The D-Bus
 layer maps the class to ``org.xenubuntu.Sessions1.Error.<Name>`` via
@@ -35,6 +37,8 @@ __all__ = [
     "NotAuthorized",
     "Failed",
     "HypervisorError",
+    "NetworkError",
+    "PoolError",
 ]
 
 DBUS_ERROR_PREFIX = "org.xenubuntu.Sessions1.Error."
@@ -184,3 +188,27 @@ class HypervisorError(Failed):
         if tail:
             text += " (" + " | ".join(tail) + ")"
         return text
+
+
+class NetworkError(Failed):
+    """dom0's internal network: what (a flavour, a device, a command) and why."""
+
+    def __init__(self, what: str, why: str):
+        super().__init__(what, why)
+        self.what = what
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"internal network: {self.what}: {self.why}"
+
+
+class PoolError(Failed):
+    """The medium's package pool: what (a package, a file, a command) and why."""
+
+    def __init__(self, what: str, why: str):
+        super().__init__(what, why)
+        self.what = what
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"package pool: {self.what}: {self.why}"

@@ -90,7 +90,7 @@ SOURCES = ("initrd", "disk", "iso")
 #: agent's line on the guest channel, or (flavours we did not build) a settled screen
 READINESS = ("console", "channel", "screen")
 #: a guest's network: none, or QEMU's user network restricted to the guest and the host (no route out)
-NICS = ("none", "user")
+NICS = ("none", "user", "internal")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ own output) and ``guest.json`` (what a restarted manager needs to adopt it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,10 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
+from ..errors import HypervisorError, MediumUnavailable, NetworkError, StatefileCorrupt
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..cpumodel import HostCpu, check_model, read_cpuinfo
 from ..diskchain import check_chain
+from ..netplan import guest_mac
 from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
 from .qga import PORT_NAME as AGENT_PORT
@@ -89,7 +89,7 @@ PICTURE_INTERVAL_S = 1.0
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
               disk: Path | None, *, incoming: str | None = None, vnc: bool = True,
               accel: str | None = None, disk_backing: Path | None = None,
-              vmgenid_guid: str = "auto") -> list[str]:
+              vmgenid_guid: str = "auto", netdev: str | None = None) -> list[str]:
     """The one place a QEMU command line is built, for saving, restoring and cold booting alike.
 
     Guest-visible parts come only from ``machine`` and the flavour's boot files; the
@@ -145,18 +145,18 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
         # DHCP and the host only: restrict=on gives the guest no route out
         argv += ["-netdev", "user,id=net0,restrict=on",
                  "-device", f"virtio-net-pci,netdev=net0,mac={guest_mac(name)}"]
+    elif machine.nic == "internal":
+        # the same NIC whatever it is plugged into (host-side): dom0's bridge, or nothing
+        # when the network is off
+        if netdev is not None:
+            argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0,mac={guest_mac(name)}"]
+        else:
+            argv += ["-device", f"virtio-net-pci,mac={guest_mac(name)}"]
     if vnc:
         argv += ["-vnc", f"unix:{_q(rundir / 'vnc.sock')}"]
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv
-
-
-def guest_mac(name: str) -> str:
-    """A locally administered MAC address of the flavour's own, the same at save and restore
-    (the guest's saved network state names it)."""
-    h = hashlib.sha256(name.encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
 
 
 def _q(path: Path | str) -> str:
@@ -444,6 +444,9 @@ class QemuBackend:
         self._host_cpu: HostCpu | None = None
         self._kvm: bool | None = None  # probed once, on first need
         self._kvm_lock = threading.Lock()
+        #: dom0's internal network (:class:`~xsession.network.InternalNetwork`), when the medium has one:
+        #: it gives each session with an ``internal`` NIC its tap
+        self.network: Any = None
 
     def host_cpu(self) -> HostCpu:
         """This host's CPU, as ``/proc/cpuinfo`` tells (read once)."""
@@ -527,9 +530,16 @@ class QemuBackend:
                 incoming_fd: int | None = None, vnc: bool = True, accel: str | None = None,
                 mode: str) -> QemuGuest:
         overlay, backing = disk if isinstance(disk, tuple) else (disk, None)
+        netdev = None
+        if flavour.machine.nic == "internal" and self.network is not None:
+            try:
+                netdev = self.network.attach(flavour.name)
+            except NetworkError as e:  # the session runs, unplugged, and says why
+                logging.getLogger(__name__).warning("%s: runs without the internal network: %s", flavour.name,
+                                                    e, extra={"SESSION": flavour.name})
         argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, overlay,
                          incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel,
-                         disk_backing=backing, vmgenid_guid=self.vmgenid_guid)
+                         disk_backing=backing, vmgenid_guid=self.vmgenid_guid, netdev=netdev)
         argv[0] = self.binary
         if incoming_fd is not None and self.boot_stub:
             try:

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", type=int, choices=range(1, 20), default=3, metavar="1-19",
                    help="zstd level of the statefiles (default 3; 19: about a fifth smaller for a DVD, "
                         "mastering takes minutes more per flavour)")
+    p.add_argument("--pool-debs", type=Path, metavar="DIR",
+                   help="the builds' package cache: put the flavours' packages into the medium's signed "
+                        "package pool (xenubuntu/pool/) and point their apt at it")
     p.add_argument("--memory", type=_memory, action="append", default=[], metavar="NAME=MiB",
                    help="override a flavour's memory")
     args = p.parse_args(argv)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         accel = resolve_accel(args.accel, spec, args.guests)
         master_medium(spec, args.guests, args.out, accel=accel, jobs=args.jobs, settle_s=args.settle,
-                      report=lambda line: print(line, flush=True), level=args.level)
+                      report=lambda line: print(line, flush=True), level=args.level, pool_debs=args.pool_debs)
     except XSessionError as e:
         print(f"xsession-master: {e}", file=sys.stderr)
         return 1

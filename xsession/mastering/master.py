@@ -4,6 +4,7 @@ The layout it writes (as README.md shows it)::
 
     MEDIUM/xenubuntu/manifest.yaml
     MEDIUM/xenubuntu/pool/vmlinuz                  shared kernel
+    MEDIUM/xenubuntu/pool/dists/, main/            the signed package pool (see .pool), with --pool-debs
     MEDIUM/xenubuntu/flavours/NAME/initrd.cpio     cold-boot initrd
     MEDIUM/xenubuntu/flavours/NAME/disk-base.qcow2 read-only disk base
     MEDIUM/xenubuntu/flavours/NAME/disk-saved.qcow2  the overlay as it was at save time
@@ -31,14 +32,17 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from ..errors import ManifestError
-from ..manifest import Flavour, Manifest, Statefile, manifest_to_dict, parse_manifest
+from ..errors import ManifestError, PoolError
+from ..manifest import NICS, Flavour, Manifest, Statefile, manifest_to_dict, parse_manifest
 from ..cpumodel import FALLBACK_MODEL, choose_model, read_cpuinfo
+from ..netplan import NetworkMode, plan_network
+from ..network import NIC_ON_NETWORK, InternalNetwork
 from . import sources
+from .pool import QUERY, Pool, guest_apt_script
 from .sources import DEFAULT_MACHINE_TYPE
 
 if TYPE_CHECKING:
-    from ..hypervisor.qemu import QemuBackend
+    from ..hypervisor.qemu import QemuBackend, QemuGuest
 
 __all__ = ["FlavourSpec", "MediumSpec", "load_spec", "master_medium", "DEFAULT_MACHINE_TYPE"]
 
@@ -59,6 +63,8 @@ class FlavourSpec:
     vcpus: int = 1
     #: a folder holding ``flavour.json`` (a disk image or a live ISO), relative to the guests folder
     build: str = ""
+    #: the NIC (``none``, ``user``, ``internal``); empty: the source's own choice
+    nic: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,9 @@ def load_spec(path: Path, memory_override: dict[str, int] | None = None) -> Medi
                                         priority=int(f.get("priority", 100)),
                                         memory_mib=None if memory is None else int(memory),
                                         initrd=f.get("initrd", ""), vcpus=int(f.get("vcpus", 1)),
-                                        build=f.get("build", "")))
+                                        build=f.get("build", ""), nic=str(f.get("nic", ""))))
+            if flavours[-1].nic not in ("", *NICS):
+                raise ValueError(f"nic of {f['name']} must be one of {', '.join(NICS)}")
         if any(not f.build for f in flavours) and "kernel" not in data:
             raise KeyError("kernel")
         return MediumSpec(default=data.get("default", flavours[0].name), flavours=tuple(flavours),
@@ -107,8 +115,9 @@ def _lay_out(spec: FlavourSpec, medium: MediumSpec, guests: Path, fdir: Path, ac
         shutil.copyfile(guests / spec.initrd, fdir / "initrd.cpio")
         sources.disk_layers(fdir, base_size_mib=medium.disk_mib)
         assert spec.memory_mib is not None  # load_spec requires it of initrd guests
-        return sources.initrd_flavour(spec.name, spec.title, spec.priority, spec.memory_mib, spec.vcpus,
-                                      medium.cmdline, accel, cpu)
+        flavour = sources.initrd_flavour(spec.name, spec.title, spec.priority, spec.memory_mib, spec.vcpus,
+                                         medium.cmdline, accel, cpu)
+        return _with_nic(flavour, spec.nic)
     build = sources.read_build(guests / spec.build)
     if build.name != spec.name:
         raise ManifestError(str(guests / spec.build / "flavour.json"),
@@ -121,11 +130,16 @@ def _lay_out(spec: FlavourSpec, medium: MediumSpec, guests: Path, fdir: Path, ac
     else:
         sources.disk_layers(fdir, base_image=build.folder / build.image)
     flavour = sources.built_flavour(build, spec.priority, spec.memory_mib, spec.vcpus, accel, cpu)
-    return replace(flavour, title=spec.title if spec.title != spec.name else flavour.title)
+    return _with_nic(replace(flavour, title=spec.title if spec.title != spec.name else flavour.title), spec.nic)
+
+
+def _with_nic(flavour: Flavour, nic: str) -> Flavour:
+    return replace(flavour, machine=replace(flavour.machine, nic=nic)) if nic else flavour
 
 
 def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, guests: Path, root: Path,
-                accel: str, settle_s: float, report: Report, level: int = 3) -> Flavour:
+                accel: str, settle_s: float, report: Report, level: int = 3,
+                before_save: Callable[[QemuGuest, Flavour], None] | None = None) -> Flavour:
     fdir = root / "flavours" / spec.name
     fdir.mkdir(parents=True, exist_ok=True)
     # under KVM a conservative named model this host runs, so the statefile restores on any
@@ -147,6 +161,8 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
                 backend.settle(guest, flavour)  # the desktop painted, as a person would find it
                 report(f"{spec.name}: screen settled after {time.monotonic() - t0:.1f} s")
             time.sleep(settle_s)
+            if before_save is not None:
+                before_save(guest, flavour)
             if flavour.readiness == "channel":  # our agent runs with qemu-guest-agent in it
                 # caches dropped (a smaller statefile), then what a restore needs first warmed again
                 backend.prepare_for_save(guest, flavour)
@@ -191,8 +207,13 @@ def resolve_accel(accel: str, spec: MediumSpec, guests: Path) -> str:
 
 
 def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tcg", jobs: int = 2,
-                  settle_s: float = 1.0, report: Report = print, level: int = 3) -> Manifest:
+                  settle_s: float = 1.0, report: Report = print, level: int = 3,
+                  pool_debs: Path | None = None) -> Manifest:
     """Build a whole medium under ``out``; returns the validated manifest it wrote.
+
+    ``pool_debs``: the builds' package cache; when given, the flavours' installed
+    packages go into the medium's signed package pool and each flavour's apt is
+    pointed at it (:mod:`.pool`).
 
     ``level``: zstd's compression level for the statefiles. 3 masters quickly; 19 makes
     them about a fifth smaller (what a DVD reads) at a much longer mastering, and
@@ -207,10 +228,35 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     from ..hypervisor.qemu import QemuBackend
     # saved with a known generation ID: any restore that gives another one reseeds the guest
     backend = QemuBackend(vmgenid_guid=MASTERING_VMGENID)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report, level)
-                   for f in spec.flavours]
-        flavours = tuple(f.result() for f in futures)
+    # flavours on the internal network are saved on it, with the addresses they keep at every restore
+    on_net = [f.name for f in spec.flavours if f.nic == NIC_ON_NETWORK]
+    network = InternalNetwork(plan_network(on_net, NetworkMode.INTERNAL),
+                              Path(tempfile.mkdtemp(prefix="xsm-net-"))) if on_net else None
+    pool = Pool(root / "pool", pool_debs) if pool_debs is not None else None
+    try:
+        if network is not None:
+            network.up()
+            backend.network = network
+            report(f"internal network up: dom0 {network.address}, {len(on_net)} flavour(s) on it")
+        before_save = None
+        if pool is not None:
+            before_save = _pool_hook(pool, pool.make_key(), plan_network(on_net, NetworkMode.INTERNAL).dom0_address,
+                                     report)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as workers:
+            futures = [workers.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report, level,
+                                      before_save)
+                       for f in spec.flavours]
+            flavours = tuple(f.result() for f in futures)
+        if pool is not None:
+            sizes = pool.build()
+            report(f"package pool: {sizes['packages']} packages, {sizes['bytes'] / 1e6:.1f} MB stored once "
+                   f"({sizes['bytes_without_sharing'] / 1e6:.1f} MB if each flavour kept its own), signed")
+    finally:
+        if pool is not None:
+            pool.close()
+        if network is not None:
+            network.close(teardown=True)
+            shutil.rmtree(network.rundir, ignore_errors=True)
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     manifest = Manifest(path=str(root / "manifest.yaml"), default=spec.default, flavours=flavours, created=created)
     text = "# XenUbuntu medium manifest, written by xsession-master\n" + yaml.safe_dump(
@@ -222,6 +268,27 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     write_boot_menu(manifest, out)
     report(f"medium written: {root / 'manifest.yaml'} ({len(flavours)} flavours, default {spec.default})")
     return manifest
+
+
+def _pool_hook(pool: Pool, key: bytes, address: str, report: Report) -> Callable[[QemuGuest, Flavour], None]:
+    """Before a flavour is saved: its apt pointed at the pool, its packages listed (through its agent)."""
+    from ..hypervisor.qga import AgentError
+
+    def configure(guest: QemuGuest, flavour: Flavour) -> None:
+        if not flavour.machine.guest_channel:
+            return  # no agent: nothing to ask and no way to configure it
+        try:
+            with guest.agent(timeout=30.0) as agent:
+                status, _, err = agent.run(["/bin/sh", "-c", guest_apt_script(address, key)], timeout=60.0)
+                if status != 0:
+                    raise PoolError(flavour.name, f"pointing apt at the pool said {err[-200:]!r}")
+                status, out, err = agent.run(QUERY, timeout=120.0)
+                if status != 0:
+                    raise PoolError(flavour.name, f"dpkg-query said {err[-200:]!r}")
+        except AgentError as e:
+            raise PoolError(flavour.name, f"its agent did not answer: {e}") from e
+        report(f"{flavour.name}: apt points at the pool; {pool.add_flavour(flavour.name, out)} packages installed")
+    return configure
 
 
 def write_boot_menu(manifest: Manifest, out: Path) -> None:
