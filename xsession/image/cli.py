@@ -11,16 +11,8 @@ from pathlib import Path
 from ..errors import XSessionError
 from . import dom0, iso
 from .build import DEFAULT_CACHE, build_image, tools_missing
-from .iso import BootMenuError
+from .iso import SERIAL_DOM0, SERIAL_PLAIN, SERIAL_XEN, TCG_KERNEL, TCG_XEN, BootMenuError
 from .steps import StepError
-
-#: settings for a machine whose only console is the serial port (and QEMU without KVM):
-#: Xen on com1, dom0 on Xen's console hvc0, the plain kernel on ttyS0; no page zeroing
-#: on allocation (emulated very slowly)
-SERIAL_XEN = "console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot"
-SERIAL_DOM0 = "console=hvc0 earlyprintk=xen"
-SERIAL_PLAIN = "console=ttyS0,115200n8"
-TCG_KERNEL = "init_on_alloc=0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--security-mirror", default=dom0.SECURITY_MIRROR, help="Debian security archive")
     p.add_argument("--serial", action="store_true",
                    help="menu, Xen and kernels on the first serial port (a machine without a screen)")
-    p.add_argument("--tcg", action="store_true", help="settings for QEMU without KVM (init_on_alloc=0)")
+    p.add_argument("--tcg", action="store_true",
+                   help="settings for QEMU without KVM (init_on_alloc=0; Xen switches FPU state eagerly)")
     p.add_argument("--root-shell", action="store_true",
                    help="a root shell without password on the serial consoles (testing only)")
     p.add_argument("--xen-args", default="", help="words added to Xen's command line")
@@ -57,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kernel_tcg = TCG_KERNEL if args.tcg else ""
     extra = iso.Extra(
-        xen=" ".join(filter(None, [SERIAL_XEN if args.serial else "", args.xen_args])),
+        xen=" ".join(filter(None, [SERIAL_XEN if args.serial else "", TCG_XEN if args.tcg else "", args.xen_args])),
         dom0=" ".join(filter(None, [SERIAL_DOM0 if args.serial else "", kernel_tcg, args.dom0_args])),
         plain=" ".join(filter(None, [SERIAL_PLAIN if args.serial else "", kernel_tcg, args.plain_args])),
         serial=args.serial)
