@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 from xsession.bootopts import parse_cmdline
 from xsession.image import iso, xenmaster
-from xsession.image.steps import StepError
+from xsession.image.steps import Output, StepError, key_of
 from xsession.manifest import (MANIFEST_RELPATH, ColdBoot, Flavour, MachineConfig, Manifest, Statefile,
                                load_manifest, manifest_to_dict)
 from xsession.mastering.grub import render_grub_cfg
@@ -140,3 +140,26 @@ def test_the_machine_boots_xen_with_eager_fpu_and_the_two_disks(tmp_path):
     assert argv[argv.index("-initrd") + 1] == f"{tmp_path / 'vmlinuz'} boot=casper console=hvc0,{tmp_path / 'initrd'}"
     with pytest.raises(ValueError):
         xenmaster.qemu_argv(*(tmp_path / n for n in ("x", "k", "i", "c", "in", "out")), dom0_args="a=1,2")
+
+
+def _system(root: Path, packages: str) -> Output:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "xen.gz").write_bytes(b"xen")
+    (root / "vmlinuz").write_bytes(b"kernel")
+    (root / "packages.txt").write_text(packages)
+    return Output("dom0-system", "k", root, False, 0.0, {})
+
+
+def test_the_statefiles_key_follows_xen_and_not_the_rest_of_the_system(tmp_path):
+    base = "libxenctrl4.17 4.17.7\nxen-utils-4.17 4.17.7\nxenstore-utils 4.17.7\n"
+
+    def key(name: str, packages: str) -> str:
+        return key_of(xenmaster.hypervisor_inputs(_system(tmp_path / name, packages)))
+
+    first = key("a", base + "xinit 1.4\n")
+    assert key("b", base + "xinit 1.5\nfonts-dejavu-core 2.37\n") == first  # a desktop package: no new masters
+    assert key("c", base.replace("xen-utils-4.17 4.17.7", "xen-utils-4.17 4.17.8") + "xinit 1.4\n") != first
+    assert key("d", base.replace("xenstore-utils 4.17.7", "xenstore-utils 4.17.8") + "xinit 1.4\n") != first
+    other = _system(tmp_path / "e", base + "xinit 1.4\n")
+    (other.path / "xen.gz").write_bytes(b"another xen")
+    assert key_of(xenmaster.hypervisor_inputs(other)) != first
