@@ -1,83 +1,65 @@
-"""The bootable image in tests: a medium of Xen flavours, the image, and a machine that boots it.
+"""The bootable image in tests: the image, its Xen flavours and a machine that boots it.
 
-The medium carries the demo flavours (demo/flavours.yaml, built by
-demo/build-guests.sh) as Xen PV domains with no statefile: a statefile must be
-saved by the Xen the image carries, so the session manager cold-boots them
-from the medium's kernel and initrds. Its boot menu is the one mastering writes.
+The Xen flavours are the demo's (demo/flavours.yaml, built by
+demo/build-guests.sh) as Xen PV domains, mastered in the image's own dom0 (a
+statefile must be saved by the Xen the image carries).
 
-:class:`Machine` boots the ISO as a CD in QEMU (TCG) and talks to it over the
-serial console: GRUB's menu, Xen's and the kernels' messages, then a root shell
-(the test image has one on the serial consoles). Every line is kept with the
-seconds since QEMU started; the log goes to tests/artifacts/.
+:class:`Machine` boots the ISO as a CD in QEMU (TCG), from BIOS or EFI
+firmware, and talks to it over the serial console: GRUB's menu, Xen's and the
+kernels' messages, then a root shell (the test image has one on the serial
+consoles). Every line is kept with the seconds since QEMU started; the log
+goes to tests/artifacts/.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
+import shutil
+import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from xsession.image import dom0, iso
-from xsession.image.build import DEFAULT_CACHE, Result, build_image
-from xsession.image.cli import SERIAL_DOM0, SERIAL_PLAIN, SERIAL_XEN, TCG_KERNEL
+from xsession.image.build import DEFAULT_CACHE, Result, XenFlavours, build_image
+from xsession.image.cli import SERIAL_DOM0, SERIAL_PLAIN, SERIAL_XEN, TCG_KERNEL, TCG_XEN
 from xsession.image.debs import build_debs
-from xsession.manifest import (MANIFEST_RELPATH, ColdBoot, Flavour, MachineConfig, Manifest, load_manifest,
-                               manifest_to_dict)
-from xsession.mastering.grub import render_grub_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 #: one TCG machine at a time on this host, whichever test (or clone) boots it
 MACHINE_LOCK = Path("/var/lock/xenubuntu-image-boot.lock")
+#: Debian's EFI firmware for QEMU (package ovmf)
+OVMF = Path("/usr/share/OVMF")
 
 
-def xen_medium(guests: Path, out: Path) -> Path:
-    """A medium with the demo flavours as Xen PV domains that cold-boot (no statefile)."""
-    spec = yaml.safe_load((REPO / "demo" / "flavours.yaml").read_text())
-    root = out / "xenubuntu"
-    (root / "pool").mkdir(parents=True, exist_ok=True)
-    cmdline = " ".join(w for w in spec["cmdline"].split() if not w.startswith("console=")) + " console=hvc0"
-
-    def pool(name: str) -> str:
-        dest = root / "pool" / name
-        if not dest.exists():
-            os.link(guests / name, dest)
-        return f"pool/{name}"
-
-    flavours = []
-    for f in spec["flavours"]:
-        machine = MachineConfig(machine_type="pv", memory_mib=f["memory_mib"], vcpus=1, cpu="host", vga="none",
-                                disk_bus="none")
-        cold = ColdBoot(kernel=pool(spec["kernel"]), initrd=pool(f["initrd"]), cmdline=cmdline,
-                        ready_line=f"XS-READY flavour={f['name']}", timeout_s=120.0)
-        flavours.append(Flavour(name=f["name"], title=f["title"], priority=f["priority"], backend="xen",
-                                machine=machine, disk=None, statefile=None, cold_boot=cold))
-    manifest = Manifest(path=str(root / "manifest.yaml"), default=spec["default"], flavours=tuple(flavours))
-    (out / MANIFEST_RELPATH).write_text(yaml.safe_dump(manifest_to_dict(manifest), sort_keys=False))
-    manifest = load_manifest(out / MANIFEST_RELPATH)
-    (out / iso.GRUB_CFG).parent.mkdir(parents=True, exist_ok=True)
-    (out / iso.GRUB_CFG).write_text(render_grub_cfg(manifest))
-    return out
+def demo_xen_flavours() -> XenFlavours:
+    """The demo's busybox flavours (demo/flavours.yaml), built, to master as Xen PV domains."""
+    guests = REPO / ".cache" / "guests"
+    subprocess.run([str(REPO / "demo" / "build-guests.sh"), str(guests)], check=True, capture_output=True)
+    return XenFlavours(spec=REPO / "demo" / "flavours.yaml", guests=guests)
 
 
-def build_test_image(medium: Path, out: Path, report=print, verbose: str = "") -> Result:
+def build_test_image(medium: Path | None, out: Path, report=print, verbose: str = "",
+                     xen_flavours: XenFlavours | None = None) -> Result:
     """The product's .deb from this tree, then the image for a serial console under TCG, with a root shell.
 
-    ``verbose``: words for both kernels' command lines (more messages on the console)."""
+    ``verbose``: words for both kernels' command lines (more messages on the console).
+    ``xen_flavours`` instead of a medium: the medium is mastered in the image's own dom0."""
     debs = build_debs(REPO, out.parent / "debs")
-    extra = iso.Extra(xen=SERIAL_XEN, dom0=f"{SERIAL_DOM0} {TCG_KERNEL} {verbose}".strip(),
+    extra = iso.Extra(xen=f"{SERIAL_XEN} {TCG_XEN}", dom0=f"{SERIAL_DOM0} {TCG_KERNEL} {verbose}".strip(),
                       plain=f"{SERIAL_PLAIN} {TCG_KERNEL} {verbose}".strip(), serial=True)
     import qemu.qmp  # the QEMU backend's QMP library (no Debian package): the folder of "qemu"
 
     qmp = Path(qemu.qmp.__file__).resolve().parent.parent
     opts = dom0.Options(root_shell=True, python_modules=(qmp,))
-    return build_image(medium, debs, out, cache_dir=DEFAULT_CACHE, opts=opts, extra=extra, report=report)
+    return build_image(medium, debs, out, cache_dir=DEFAULT_CACHE, opts=opts, extra=extra, report=report,
+                       xen_flavours=xen_flavours)
 
 
 class BootError(AssertionError):
@@ -87,7 +69,8 @@ class BootError(AssertionError):
 class Machine:
     """QEMU (TCG) booting an ISO from its CD drive, driven over the serial console."""
 
-    def __init__(self, iso_path: Path, name: str, memory_mib: int = 3072):
+    def __init__(self, iso_path: Path, name: str, memory_mib: int = 3072, firmware: str = "bios"):
+        """``firmware``: ``bios`` (SeaBIOS) or ``efi`` (OVMF, with a fresh copy of its variables)."""
         self.log_path = ARTIFACTS / f"image-{name}.log"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max,-smap,-erms",
@@ -95,6 +78,18 @@ class Machine:
                      "-monitor", "none", "-no-reboot",
                      "-drive", f"file={iso_path},media=cdrom,if=none,id=cd0,readonly=on",
                      "-device", "ide-cd,drive=cd0,bus=ide.0", "-boot", "d"]
+        self._tmp = tempfile.TemporaryDirectory(prefix="xenubuntu-machine-")
+        self.qmp_path = Path(self._tmp.name) / "qmp.sock"
+        self.argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        self._vars: tempfile.TemporaryDirectory[str] | None = None
+        if firmware == "efi":
+            self._vars = tempfile.TemporaryDirectory(prefix="xenubuntu-ovmf-")
+            vars_copy = Path(self._vars.name) / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF / "OVMF_VARS.fd", vars_copy)
+            self.argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF / 'OVMF_CODE.fd'}",
+                          "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+        elif firmware != "bios":
+            raise ValueError(f"firmware {firmware!r}: bios or efi")
         self.lines: list[tuple[float, str]] = []
         self._partial = ""
         self._cond = threading.Condition()
@@ -122,6 +117,9 @@ class Machine:
         self._log.close()
         if self._lock_file is not None:
             self._lock_file.close()
+        if self._vars is not None:
+            self._vars.cleanup()
+        self._tmp.cleanup()
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -194,6 +192,33 @@ class Machine:
             self.proc.stdin.write(ch.encode())
             self.proc.stdin.flush()
             time.sleep(pace)
+
+    def qmp(self, command: str, **arguments: object) -> object:
+        """One QMP command on the machine's monitor; its ``return`` value."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(60)
+            sock.connect(str(self.qmp_path))
+            f = sock.makefile("rwb")
+
+            def call(name: str, args: dict) -> object:
+                f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+                f.flush()
+                while True:
+                    reply = json.loads(f.readline())
+                    if "error" in reply:
+                        raise BootError(f"QMP {name}: {reply['error']}")
+                    if "return" in reply:
+                        return reply["return"]
+
+            json.loads(f.readline())  # the greeting
+            call("qmp_capabilities", {})
+            return call(command, dict(arguments))
+
+    def screendump(self, path: Path) -> Path:
+        """The whole machine's screen (its VGA) as a PNG."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.qmp("screendump", filename=str(path), format="png")
+        return path
 
     def shell(self, command: str, timeout: float = 120) -> str:
         """Run ``command`` in the root shell; its output (stdout and stderr)."""

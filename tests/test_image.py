@@ -2,17 +2,18 @@
 
 The image is built once for the module (``xsession-image``'s steps, cached
 machine-wide: only the product layer and the ISO are redone when the tree
-changed) from a medium whose flavours are Xen PV domains without statefiles
-(:func:`imagelib.xen_medium`), with the product's .deb from this tree, a
-serial console and a root shell on it.
+changed) with the product's .deb from this tree, a serial console and a root
+shell on it. Its medium is mastered in the image's own dom0
+(:mod:`xsession.image.xenmaster`): the demo's busybox flavours as Xen PV
+domains, saved by the Xen the image carries (cached by the hash of its inputs).
 
 Each boot is QEMU (TCG) with the ISO as a CD, one machine at a time: GRUB's
 menu over the serial port, Xen, dom0's kernel, systemd, the generator pulling
-in xsessiond, the default flavour cold-booted under Xen; in dom0, ``busctl``
-over the serial console shows the session's state. The entry without Xen
-boots the same image made from the demo medium (QEMU flavours saved by
-mastering) and restores the default flavour under QEMU. The logs go to
-tests/artifacts/image-*.log, the stage times to
+in xsessiond, the default flavour restored under Xen from the DVD; in dom0,
+``busctl`` over the serial console shows the session's state. The entry
+without Xen boots the same image made from the demo medium (QEMU flavours
+saved by mastering) and restores the default flavour under QEMU. The logs go
+to tests/artifacts/image-*.log, the stage times to
 tests/artifacts/image-timings.json.
 """
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from .imagelib import ARTIFACTS, REPO, Machine, build_test_image, xen_medium
+from .imagelib import ARTIFACTS, Machine, build_test_image, demo_xen_flavours
 
 from xsession.image import iso
 from xsession.mastering.grub import entry_id
@@ -47,19 +48,19 @@ BAD_OPTION = "xenubuntu.colour=blue"
 
 
 @pytest.fixture(scope="module")
-def medium(tmp_path_factory) -> Path:
-    guests = REPO / ".cache" / "guests"
-    subprocess.run([str(REPO / "demo" / "build-guests.sh"), str(guests)], check=True, capture_output=True)
-    return xen_medium(guests, tmp_path_factory.mktemp("medium"))
+def image(tmp_path_factory):
+    out = tmp_path_factory.mktemp("image") / "xenubuntu.iso"
+    lines: list[str] = []
+    result = build_test_image(None, out, report=lines.append, verbose=VERBOSE, xen_flavours=demo_xen_flavours())
+    (ARTIFACTS / "image-build.log").write_text("\n".join(lines) + "\n")
+    return result
 
 
 @pytest.fixture(scope="module")
-def image(medium: Path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("image") / "xenubuntu.iso"
-    lines: list[str] = []
-    result = build_test_image(medium, out, report=lines.append, verbose=VERBOSE)
-    (ARTIFACTS / "image-build.log").write_text("\n".join(lines) + "\n")
-    return result
+def medium(image) -> Path:
+    """The medium mastered in the image's dom0 (in the step cache)."""
+    assert image.medium is not None
+    return image.medium
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +157,14 @@ def test_image_boots_from_bios_and_efi_as_cd_and_disk(image):
 
 def test_a_second_build_is_all_cached(image, medium, tmp_path):
     lines: list[str] = []
-    again = build_test_image(medium, tmp_path / "again.iso", report=lines.append, verbose=VERBOSE)
+    again = build_test_image(None, tmp_path / "again.iso", report=lines.append, verbose=VERBOSE,
+                             xen_flavours=demo_xen_flavours())
     # the .deb is rebuilt from the tree (new timestamps), so only the product layer may be redone
     assert any(line.startswith("dom0-system: cached") for line in lines), lines
     assert any(line.startswith("dom0-squashfs: cached") for line in lines), lines
+    # the Xen statefiles depend on Xen and the code that saves them, not on the rest of the product
+    assert any(line.startswith("xen-statefiles: cached") for line in lines), lines
+    assert again.medium == image.medium
     assert again.sizes["casper/filesystem.squashfs"] == image.sizes["casper/filesystem.squashfs"]
     _record("build", {"first": image.steps, "first_total_s": image.seconds, "again": again.steps,
                       "again_total_s": again.seconds, "sizes": image.sizes})
@@ -187,6 +192,18 @@ def _prop(m: Machine, path: str, iface: str, name: str) -> str:
     return m.shell(f"busctl get-property {BUS} {path} {BUS}.{iface} {name}").strip()
 
 
+def _first_call(m: Machine, path: str, iface: str, name: str, timeout: float = 600) -> str:
+    """A property read that starts the daemon by D-Bus activation. dbus-daemon gives up on an
+    activation after 25 s and tells the caller so, while systemd goes on starting the unit: on
+    an emulated machine that is busy booting, the read is asked again until the daemon answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _prop(m, path, iface, name)
+        if "Failed to activate service" not in out or time.monotonic() > deadline:
+            return out
+        time.sleep(5)
+
+
 def _wait_state(m: Machine, flavour: str, want: str, timeout: float = 600) -> tuple[str, float]:
     deadline = time.monotonic() + timeout
     state = ""
@@ -204,7 +221,38 @@ def _wait_state(m: Machine, flavour: str, want: str, timeout: float = 600) -> tu
 
 
 
-def test_default_entry_boots_xen_and_runs_the_default_session(image):
+def _wait_chooser(m: Machine, timeout: float = 600) -> float:
+    """Wait until the chooser says its window is mapped; seconds since QEMU started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "window mapped" in m.shell("journalctl -b -u xenubuntu-desktop -o cat --no-pager | grep -m1 mapped"):
+            return time.monotonic() - m.t0
+        time.sleep(5)
+    why = m.shell("systemctl status xenubuntu-desktop --no-pager -l | tail -n 30; tail -n 30 /var/log/Xorg.0.log")
+    raise AssertionError(f"no chooser window:\n{why}")
+
+
+def _light_share_and_colours(png: Path) -> tuple[float, int]:
+    """The share of light pixels (each channel >= 200) and the number of colours in a sample."""
+    import gi
+
+    gi.require_version("GdkPixbuf", "2.0")
+    from gi.repository import GdkPixbuf
+
+    pb = GdkPixbuf.Pixbuf.new_from_file(str(png))
+    data, n, stride = pb.get_pixels(), pb.get_n_channels(), pb.get_rowstride()
+    light = total = 0
+    colours = set()
+    for y in range(0, pb.get_height(), 4):
+        for x in range(0, pb.get_width(), 4):
+            px = bytes(data[y * stride + x * n:y * stride + x * n + 3])
+            colours.add(px)
+            light += min(px) >= 200
+            total += 1
+    return light / total, len(colours)
+
+
+def test_default_entry_boots_xen_and_restores_the_default_session(image):
     cfg = _cfg(image)
     with Machine(image.iso, "xen-default") as m:
         _choose(m, cfg, entry_id("xen", "kubuntu"))
@@ -216,43 +264,68 @@ def test_default_entry_boots_xen_and_runs_the_default_session(image):
         assert "XENUBUNTU_MEDIUM=/run/live/medium" in m.shell("cat /etc/xenubuntu/boot.conf")
         state, t_running = _wait_state(m, "kubuntu", "running")
         assert '"xen"' in _prop(m, MANAGER, "Manager", "Backend")
-        assert "XS-READY" in m.shell("cat /var/log/xen/console/guest-kubuntu.log")
-        # xl in this dom0 fails now and then while the manager runs xl itself (once: "xl.conf:45:
-        # config parsing error near '#'", a comment line; see the background cold boots below):
-        # a known defect, recorded with the timings, not a reason to doubt the domain runs
-        listings = [m.shell("xl list") for _ in range(3)]
-        assert any("kubuntu" in out for out in listings), listings
-        xl_failures = [out for out in listings if "kubuntu" not in out]
-        # lazy: the others are cold-booted one by one when the manager is idle; their states
-        # (and xl's log of a failed one) are kept with the timings
-        others = {}
+        # restored from the statefile that the image's own dom0 saved, not cold-booted: the
+        # reason says so, and the daemon's journal shows a restore and no cold boot of it
+        reason = _prop(m, f"{MANAGER}/session/kubuntu", "Session", "StateReason")
+        assert "restored from its statefile" in reason, reason
+        history = m.shell("journalctl -b -u xsessiond -o cat --no-pager | grep -w kubuntu")
+        assert "restoring" in history and "cold boot" not in history, history
+        # it goes on from where dom0's mastering saved it (its ready line was printed there)
+        console = m.shell("cat /var/log/xen/console/guest-kubuntu.log")
+        assert "COUNTER" in console and "XS-BOOT" not in console, console[-500:]
+        # lazy: the others are restored one by one in the background while the manager and
+        # this shell run xl beside them (and X and the chooser run in dom0). Under TCG with
+        # Xen's lazy FPU switching this used to corrupt dom0's processes (xl create exit 3,
+        # xl.conf misread, glibc heap aborts); every one must now run, xl must answer every time
+        listings = []
         for other in ("ubuntu", "xubuntu", "server"):
-            path = f"{MANAGER}/session/{other}"
-            others[other] = [_prop(m, path, "Session", "State"), _prop(m, path, "Session", "StateReason")]
-            if '"failed"' in others[other][0]:
-                others[other].append(m.shell(f"tail -n 25 /var/log/xen/xl-{other}.log"))
+            listings.append(m.shell("xl list"))
+            _wait_state(m, other, "running")
+        listings += [m.shell("xl list") for _ in range(3)]
+        assert all("kubuntu" in out for out in listings), listings
+        others = {f: _prop(m, f"{MANAGER}/session/{f}", "Session", "StateReason")
+                  for f in ("ubuntu", "xubuntu", "server")}
+        # a restore may still fall back to a cold boot when this shared host is too slow for its
+        # watchdog ("timed out"); what must never be seen again is xl failing or dying
+        assert not any(re.search(r"(?i)exit status|signal|abort|corrupt|assertion", r) for r in others.values()), others
+        xl_logs = m.shell("cat /var/log/xen/xl-*.log")
+        assert not re.search(r"(?i)abort|corrupt|assertion", xl_logs), xl_logs
         assert _prop(m, MANAGER, "Manager", "Warnings") == "as 0"
+        # dom0's desktop: the chooser's window on the machine's screen
+        t_chooser = _wait_chooser(m)
+        picture = m.screendump(ARTIFACTS / "image-xen-default-screen.png")
+        light, colours = _light_share_and_colours(picture)
+        # Linux's console (black, grey text, no smoothing) has a few colours and almost no light
+        # pixels; GTK's window has a light background and smoothed text
+        assert light > 0.1 and colours > 20, (light, colours)
         stages = _stages(m, "kubuntu", t_running)
+        stages["chooser_shown_seen"] = round(t_chooser, 1)
+        stages["screen_light_share"] = round(light, 3)
         stages["systemd_analyze"] = m.shell("systemd-analyze")
+        stages["state_reason"] = reason
         stages["other_sessions"] = others
-        stages["xl_list_failures"] = xl_failures
         _record("boot_xen_default", stages)
         assert all(stages.get(k) is not None for k in ("grub", "xen", "kernel", "systemd", "session_running")), stages
 
 
-def test_restore_off_restores_nothing_and_a_bad_option_is_a_warning(bad_option_image):
+def test_restore_off_restores_nothing_and_a_bad_option_is_a_warning_booted_from_efi(bad_option_image):
+    # from EFI firmware (OVMF): GRUB's EFI image, Xen's EFI start through multiboot2, dom0
     cfg = _cfg(bad_option_image)
-    with Machine(bad_option_image.iso, "xen-restore-off") as m:
+    with Machine(bad_option_image.iso, "xen-restore-off-efi", firmware="efi") as m:
         _choose(m, cfg, entry_id("xen", "kubuntu", "off"))
         _login(m)
+        efi = m.shell("test -d /sys/firmware/efi && echo EFI || echo BIOS").strip()
+        assert m.expect_any(r"\(XEN\)\s+EFI RAM map") or efi == "EFI", "Xen did not start from EFI"
+        assert "control_d" in m.shell("cat /proc/xen/capabilities")
         cmdline = m.shell("cat /proc/cmdline")
         assert "xenubuntu.restore=off" in cmdline and BAD_OPTION in cmdline, cmdline
         # the generator left the service out: nothing runs until a client calls
         m.shell("systemctl is-system-running --wait")
         assert m.shell("systemctl is-active xsessiond").strip() == "inactive"
         assert "kubuntu" not in m.shell("xl list")
-        # the first call starts it (D-Bus activation); it restores nothing
-        warnings = _prop(m, MANAGER, "Manager", "Warnings")
+        # the first call starts it (D-Bus activation; the chooser on the screen may be first);
+        # it restores nothing
+        warnings = _first_call(m, MANAGER, "Manager", "Warnings")
         assert BAD_OPTION.split("=")[0] in warnings, warnings
         assert '"off"' in _prop(m, MANAGER, "Manager", "RestorePolicy")
         time.sleep(5)
@@ -261,12 +334,14 @@ def test_restore_off_restores_nothing_and_a_bad_option_is_a_warning(bad_option_i
         assert "kubuntu" not in m.shell("xl list")
 
 
-def test_plain_entry_boots_without_xen_and_restores_a_qemu_flavour(qemu_image):
+def test_plain_entry_boots_without_xen_from_efi_and_restores_a_qemu_flavour(qemu_image):
+    # from EFI firmware (OVMF); the BIOS path is the Xen default entry's test
     cfg = _cfg(qemu_image)
-    with Machine(qemu_image.iso, "plain-default") as m:
+    with Machine(qemu_image.iso, "plain-default-efi", firmware="efi") as m:
         _choose(m, cfg, entry_id("kvm", "kubuntu"))
         _login(m)
         assert m.shell("test -e /proc/xen/capabilities && echo XEN || echo NO-XEN").strip() == "NO-XEN"
+        assert m.shell("test -d /sys/firmware/efi && echo EFI || echo BIOS").strip() == "EFI"
         assert "xenubuntu.flavour=kubuntu" in m.shell("cat /proc/cmdline")
         state, t_running = _wait_state(m, "kubuntu", "running")
         assert '"qemu"' in _prop(m, MANAGER, "Manager", "Backend")
@@ -275,4 +350,4 @@ def test_plain_entry_boots_without_xen_and_restores_a_qemu_flavour(qemu_image):
         stages = _stages(m, "kubuntu", t_running)
         stages["state_reason"] = reason
         stages["systemd_analyze"] = m.shell("systemd-analyze")
-        _record("boot_plain_default", stages)
+        _record("boot_plain_default_efi", stages)

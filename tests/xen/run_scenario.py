@@ -10,7 +10,9 @@ scenario prints reaches this side over the serial console; lines starting with
 ``@@`` are its results. The run has a hard timeout: QEMU is killed at the end.
 
 TCG, because Xen cannot run on a KVM without real nested virtualisation, and
-``-cpu max,-smap`` because with SMAP dom0 faults at once under TCG.
+``-cpu max,-smap`` because with SMAP dom0 faults at once under TCG;
+``spec-ctrl=eager-fpu`` because TCG raises no #NM for XSAVE, which Xen's lazy
+FPU switching relies on (see ``xsession.image.cli.TCG_XEN``).
 
 Usage by hand::
 
@@ -35,7 +37,7 @@ ROOT = HERE.parent.parent
 
 #: Xen's own command line: serial console, a fixed-size dom0 with one vCPU, no reboot on a crash
 XEN_ARGS = ("console=com1 com1=115200,8n1 dom0_mem={dom0}M,max:{dom0}M dom0_max_vcpus={vcpus} "
-            "loglvl=all guest_loglvl=all noreboot")
+            "loglvl=all guest_loglvl=all noreboot spec-ctrl=eager-fpu")
 DOM0_ARGS = "console=hvc0 earlyprintk=xen loglevel=4"
 
 

@@ -282,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     window.connect("destroy", lambda _w: Gtk.main_quit())
     if args.fullscreen:
         window.fullscreen()
+    # the line a boot test (and a person reading the journal) looks for
+    window.connect("map-event", lambda w, _e: log.info("window mapped (%dx%d)", w.get_allocated_width(),
+                                                        w.get_allocated_height()))
     window.show()
     Gtk.main()
     client.close()

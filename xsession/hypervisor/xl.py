@@ -87,8 +87,9 @@ class Result:
 
 #: verbs that only read: safe to run again when xl dies of a signal
 _READ_ONLY = ("info", "list")
-#: how often a read-only verb is tried when xl aborts (Debian's xl 4.17 sometimes dies in
-#: ``libxl_fork.c: atfork_lock: Assertion `!r' failed`` while listing restored domains)
+#: how often a read-only verb is tried when xl dies of a signal (seen under QEMU's TCG:
+#: ``libxl_fork.c: atfork_lock: Assertion `!r' failed``, a symptom of Xen's lazy FPU
+#: switching there, which the TCG settings of our images and test hosts now turn off)
 _READ_TRIES = 3
 
 

@@ -14,7 +14,11 @@ SKIP_TOP = {".git", ".venv", ".cache", "build", ".pytest_cache", ".hypothesis", 
 SKIP_ANY = {"__pycache__", "artifacts"}
 
 
-def build_debs(source: Path, out: Path, packages: tuple[str, ...] = ("xsession",), timeout: float = 900) -> list[Path]:
+#: the image's packages: the manager and the chooser on dom0's screen
+PACKAGES = ("xsession", "xsession-gui")
+
+
+def build_debs(source: Path, out: Path, packages: tuple[str, ...] = PACKAGES, timeout: float = 900) -> list[Path]:
     """Build the source tree's packages (``dpkg-buildpackage -us -uc -b`` in a copy of it)
     and copy the .deb files of ``packages`` to ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import chroot
 from .steps import Output, StepCache, StepContext, key_of
+from .xenmaster import MASTER_WORD, dom0_commands
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -43,11 +44,13 @@ PACKAGES = (
     "live-boot", "live-boot-initramfs-tools", "initramfs-tools", "zstd", "busybox",
     "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xen-utils-common", "xenstore-utils",
     "iproute2", "procps", "less",
+    # dom0's screen: X (modesetting, libinput) started by a unit, showing the chooser (xsession-gui)
+    "xserver-xorg-core", "xserver-xorg-input-libinput", "xinit", "fonts-dejavu-core",
 )
 #: bump when the commands of a step change (part of its key)
 SYSTEM_RECIPE = "system-2: with the updates"
 SQUASHFS_RECIPE = "squashfs-1: zstd 15, 128K blocks"
-PRODUCT_RECIPE = "product-1"
+PRODUCT_RECIPE = "product-3: the units that master Xen flavours and show the chooser"
 
 SQUASHFS_OPTIONS = ["-comp", "zstd", "-Xcompression-level", "15", "-b", "128K", "-noappend", "-no-progress"]
 #: never packed: build-only files, package caches, the initrd (it travels beside the squashfs)
@@ -178,6 +181,23 @@ AUTOLOGIN = """\
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
 """
+#: dom0's desktop: X on the first screen running the chooser alone, full screen, as
+#: root (no logind seat: polkit's "active session" would not apply; root may manage
+#: sessions). Not on a boot that masters flavours for an image build.
+DESKTOP_UNIT = f"""\
+[Unit]
+Description=XenUbuntu chooser on this machine's screen (X and xsession-gui)
+Documentation=man:xsession-gui(1)
+After=systemd-user-sessions.service xsessiond.service dbus.service
+ConditionKernelCommandLine=!{MASTER_WORD}
+ConditionPathExists=/usr/bin/xsession-gui
+[Service]
+ExecStart=/usr/bin/xinit /usr/bin/xsession-gui --fullscreen -- /usr/bin/Xorg :0 vt7 -nolisten tcp -noreset -keeptty
+Restart=on-failure
+RestartSec=3s
+[Install]
+WantedBy=graphical.target
+"""
 #: Debian's /etc/init.d/xen passes XENCONSOLED_ARGS; xsessiond reads XENCONSOLED_TRACE
 XEN_DEFAULTS = """
 # XenUbuntu image: xenconsoled logs every guest's console (xsessiond reads them)
@@ -196,6 +216,9 @@ def _configure_commands(opts: Options) -> list[str]:
         # e2scrub_reap costs seconds at boot and has nothing to do on a live medium
         "systemctl mask e2scrub_reap.service",
     ]
+    lines += dom0_commands()  # the unit that masters Xen flavours for an image build
+    lines += [f"printf %s {q(DESKTOP_UNIT)} > /etc/systemd/system/xenubuntu-desktop.service",
+              "systemctl enable xenubuntu-desktop.service", "systemctl set-default graphical.target"]
     if opts.root_shell:
         lines += [
             "mkdir -p /etc/systemd/system/serial-getty@.service.d",

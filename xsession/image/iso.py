@@ -29,6 +29,21 @@ MEDIUM_TREE = "/xenubuntu"
 GRUB_CFG = "boot/grub/grub.cfg"
 VOLUME_ID = "XENUBUNTU"
 
+#: settings for a machine whose only console is the serial port (and QEMU without KVM):
+#: Xen on com1, dom0 on Xen's console hvc0, the plain kernel on ttyS0; no page zeroing
+#: on allocation (emulated very slowly)
+SERIAL_XEN = "console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot"
+SERIAL_DOM0 = "console=hvc0 earlyprintk=xen"
+SERIAL_PLAIN = "console=ttyS0,115200n8"
+TCG_KERNEL = "init_on_alloc=0"
+#: Xen under QEMU's TCG must switch FPU state eagerly. Lazily (Xen's default on
+#: AMD, which TCG's CPU models are), Xen leaves CR0.TS set for a vCPU whose
+#: registers another vCPU last used and loads them on the #NM trap; TCG raises
+#: no #NM for XSAVE/XRSTOR, so dom0's kernel saves the other vCPU's registers
+#: as a process's and hands them back to it: corrupted memory in any process
+#: of dom0 (glibc's string functions) whenever domains run beside it.
+TCG_XEN = "spec-ctrl=eager-fpu"
+
 SERIAL_PRELUDE = """\
 # the boot menu on the first serial port as well as on the screen
 serial --unit=0 --speed=115200
