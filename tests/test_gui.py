@@ -518,6 +518,7 @@ def test_describe_progress_says_rate_and_time_left(xdisplay):
 
 
 def test_a_guests_request_opens_the_dialog_and_a_click_installs(xsessiond, gui, other, xdisplay, tmp_path):
+    from gi.repository import Gtk
     xsessiond("xenubuntu.restore=off")
     other.activate("kubuntu")
     other.wait_state("kubuntu", {"running"})
@@ -533,6 +534,14 @@ def test_a_guests_request_opens_the_dialog_and_a_click_installs(xsessiond, gui, 
         assert dialog.get_title() == "Install Kubuntu?" and "Kubuntu session asks" in dialog.intro.get_text()
         pump(lambda: loop in dialog.devices, 30, "the loop device offered")
         assert not dialog.install_button.get_sensitive()  # nothing happens before a disk is picked
+        # put off: the request waits on the chooser, and comes back from there
+        assert window.chooser.install_button.get_visible()
+        assert window.chooser.install_button.get_label() == "Install request: Kubuntu"
+        dialog.response(Gtk.ResponseType.CLOSE)   # "Not now"
+        pump(lambda: not dialog.get_visible(), 10, "the dialog put off")
+        click(xdisplay, window.chooser.install_button)
+        pump(lambda: dialog.get_visible(), 10, "the dialog shown again")
+        settle(0.3)
         dialog.select(loop)
         settle(0.3)
         screenshot(SHOTS / "install-dialog.png", dialog)
@@ -542,5 +551,6 @@ def test_a_guests_request_opens_the_dialog_and_a_click_installs(xsessiond, gui, 
         assert job.state == "done", job.error
         pump(lambda: dialog.status.get_text() == f"Installed onto {loop}.", 10, "the outcome in the dialog")
         assert dialog.progress.get_fraction() == 1.0
+        assert not window.chooser.install_button.get_visible()  # nothing waits any more
     finally:
         subprocess.run(["losetup", "--detach", loop], capture_output=True)

@@ -227,13 +227,14 @@ class Chooser(Gtk.Box):
     """All the sessions as cards, in restore order, with the manager's memory and warnings.
 
     Signals: ``switch(name)``, ``action(name, method)``, ``split()`` the side-by-side
-    view of the picked sessions.
+    view of the picked sessions, ``install(path)`` show a pending install request.
     """
 
     __gsignals__ = {
         "switch": (GObject.SignalFlags.RUN_LAST, None, (str,)),
         "action": (GObject.SignalFlags.RUN_LAST, None, (str, str)),
         "split": (GObject.SignalFlags.RUN_LAST, None, ()),
+        "install": (GObject.SignalFlags.RUN_LAST, None, (str,)),
     }
 
     def __init__(self, client: SessionsClient):
@@ -252,6 +253,13 @@ class Chooser(Gtk.Box):
         self.split_button.set_tooltip_text("Show the picked sessions (or all that run) next to each other")
         self.split_button.connect("clicked", lambda _b: self.emit("split"))
         head.pack_end(self.split_button, False, False, 0)
+        # a guest's install request that waits (its dialog was put off with "Not now")
+        self.install_button = Gtk.Button()
+        self.install_button.get_style_context().add_class("suggested-action")
+        self.install_button.set_no_show_all(True)
+        self.install_button.connect("clicked", lambda _b: self._pending and self.emit("install", self._pending[0]))
+        head.pack_end(self.install_button, False, False, 0)
+        self._pending: list[str] = []
         self.pack_start(head, False, False, 0)
         self.flow = Gtk.FlowBox(selection_mode=Gtk.SelectionMode.NONE, homogeneous=True,
                                 column_spacing=12, row_spacing=12, max_children_per_line=4,
@@ -286,9 +294,23 @@ class Chooser(Gtk.Box):
         client.connect("manager-changed", lambda _c, _ch: self._update_manager())
         client.connect("connected", lambda _c: self._update_manager())
         client.connect("disconnected", lambda _c: self._update_manager())
+        for signal in ("job-added", "job-removed"):
+            client.connect(signal, lambda _c, _p: self._update_jobs())
+        client.connect("job-changed", lambda _c, _p, _ch: self._update_jobs())
         for n in client.sessions:
             self._add(n)
         self._update_manager()
+
+    def _update_jobs(self) -> None:
+        """The install requests that wait for a person, oldest first, on one button."""
+        jobs = sorted((j for j in self.client.jobs.values() if j.state == "pending"), key=lambda j: j.number)
+        self._pending = [j.path for j in jobs]
+        if jobs:
+            first = self.client.sessions.get(jobs[0].session)
+            title = first.title if first is not None and first.title else jobs[0].flavour
+            more = f" (+{len(jobs) - 1})" if len(jobs) > 1 else ""
+            self.install_button.set_label(f"Install request: {title}{more}")
+        self.install_button.set_visible(bool(jobs))
 
     def _add(self, name: str) -> None:
         if name in self.cards:

@@ -84,6 +84,7 @@ class MainWindow(Gtk.Window):
         self.chooser.connect("switch", lambda _c, name: self.choose(name))
         self.chooser.connect("action", lambda _c, name, method: self._act(name, method))
         self.chooser.connect("split", lambda _c: self.show_split(self._split_names()))
+        self.chooser.connect("install", lambda _c, path: self.show_install(path))
         self.stack.add_named(self.chooser, "chooser")
         self.console_page = Gtk.Box(orientation=Gtk.Orientation.VERTICAL)
         self.stack.add_named(self.console_page, "console")
