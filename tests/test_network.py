@@ -181,7 +181,7 @@ def test_two_guests_restored_on_the_internal_network_keep_their_addresses_and_re
     assert host_links() == before
 
 
-def test_outside_mode_routes_the_guests_out_through_dom0_and_off_unplugs_them(
+def test_outside_mode_routes_the_guests_out_through_dom0(
         network_medium: Path, netns: list[Netns], xsessiond, private_bus: str, runtime_dir: Path):
     plan = plan_network(["ubuntu", "server"], NetworkMode.OUTSIDE)
     dom0 = Netns("dom0")
