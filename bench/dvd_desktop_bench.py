@@ -47,7 +47,7 @@ from bench.benchlib import machine, record  # noqa: E402
 from bench.mediumsim import PROFILES, Stats, make_image, slow_medium  # noqa: E402
 from xsession.demomedia import ensure_desktop_medium  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest  # noqa: E402
-from xsession.manifest import MANIFEST_RELPATH, load_manifest  # noqa: E402
+from xsession.manifest import MANIFEST_RELPATH, Manifest, load_manifest  # noqa: E402
 from xsession.preload import Preload  # noqa: E402
 
 FLAVOUR = "xubuntu"
@@ -116,17 +116,22 @@ def wait_heartbeat(guest: QemuGuest) -> None:
         raise RuntimeError(f"{guest.name}: no heartbeat within {HEARTBEAT_TIMEOUT_S:.0f} s")
 
 
+def timed_restore(backend: QemuBackend, manifest: Manifest, name: str, rundir: Path,
+                  source: Path | None = None) -> tuple[float, float]:
+    """Seconds to the restored guest running, and to its first heartbeat; the guest is stopped."""
+    t0 = time.monotonic()
+    guest = backend.restore(manifest.flavour(name), manifest, rundir, lambda d, t: None, source=source)
+    try:
+        running = time.monotonic() - t0
+        wait_heartbeat(guest)
+        return running, time.monotonic() - t0
+    finally:
+        guest.stop()
+
+
 def restore_way(root: Path, stub: bool) -> Callable[[Path], tuple[float, float]]:
     def run(rundir: Path) -> tuple[float, float]:
-        manifest = load_manifest(root / MANIFEST_RELPATH)
-        t0 = time.monotonic()
-        guest = QemuBackend(boot_stub=stub).restore(manifest.flavour(FLAVOUR), manifest, rundir, lambda d, t: None)
-        try:
-            running = time.monotonic() - t0
-            wait_heartbeat(guest)
-            return running, time.monotonic() - t0
-        finally:
-            guest.stop()
+        return timed_restore(QemuBackend(boot_stub=stub), load_manifest(root / MANIFEST_RELPATH), FLAVOUR, rundir)
     return run
 
 
@@ -150,15 +155,7 @@ def switch_way(root: Path) -> Callable[[Path], tuple[float, float]]:
             if not preload.complete:
                 raise RuntimeError(f"preload failed: {preload.error}")
             try:
-                t0 = time.monotonic()
-                guest = backend.restore(manifest.flavour(SECOND), manifest, rundir / "second", lambda d, t: None,
-                                        source=preload.source())
-                try:
-                    running = time.monotonic() - t0
-                    wait_heartbeat(guest)
-                    return running, time.monotonic() - t0
-                finally:
-                    guest.stop()
+                return timed_restore(backend, manifest, SECOND, rundir / "second", source=preload.source())
             finally:
                 preload.release()
         finally:

@@ -275,3 +275,14 @@ def polkit_command(folder: Path) -> list[str]:
               f"mount --bind {rules} /etc/polkit-1/rules.d && "
               f"exec /usr/lib/polkit-1/polkitd --no-debug")
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+
+
+def interface_members(xml: str) -> dict[str, set[str]]:
+    """interface -> its methods, properties and signals, from introspection data."""
+    import xml.etree.ElementTree as ET
+
+    out: dict[str, set[str]] = {}
+    for iface in ET.fromstring(xml).iter("interface"):
+        out[iface.get("name", "")] = {f"{m.tag}:{m.get('name')}" for m in iface
+                                      if m.tag in ("method", "property", "signal")}
+    return out

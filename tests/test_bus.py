@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gi.repository import GLib
@@ -19,20 +18,11 @@ from xsession.bus import introspection_xml
 from xsession.install.dbus import JOB_IFACE
 
 from .buslib import (BUS_NAME, ERROR, HELPER_USER, MANAGER_IFACE, MANAGER_PATH, NOBODY, SESSION_IFACE, Signals,
-                     busctl, ctl, gdbus)
+                     busctl, ctl, gdbus, interface_members)
 from .guestlib import ask, qemu_pids_under
 
 KUBUNTU = f"{MANAGER_PATH}/session/kubuntu"
 UBUNTU = f"{MANAGER_PATH}/session/ubuntu"
-
-
-def _members(xml: str) -> dict[str, set[str]]:
-    """interface -> its methods, properties and signals, from introspection data."""
-    out: dict[str, set[str]] = {}
-    for iface in ET.fromstring(xml).iter("interface"):
-        out[iface.get("name", "")] = {f"{m.tag}:{m.get('name')}" for m in iface
-                                      if m.tag in ("method", "property", "signal")}
-    return out
 
 
 def test_ready_and_what_busctl_and_gdbus_see(private_bus, xsessiond, client):
@@ -40,9 +30,9 @@ def test_ready_and_what_busctl_and_gdbus_see(private_bus, xsessiond, client):
     assert any(n.startswith("STATUS=0 of 4 sessions running") for n in daemon.notes), daemon.notes
 
     # introspection: exactly the interfaces of the installed XML file
-    published = _members(client.call(MANAGER_PATH, "org.freedesktop.DBus.Introspectable", "Introspect")[0])
-    published.update(_members(client.call(KUBUNTU, "org.freedesktop.DBus.Introspectable", "Introspect")[0]))
-    for iface, members in _members(introspection_xml()).items():
+    published = interface_members(client.call(MANAGER_PATH, "org.freedesktop.DBus.Introspectable", "Introspect")[0])
+    published.update(interface_members(client.call(KUBUNTU, "org.freedesktop.DBus.Introspectable", "Introspect")[0]))
+    for iface, members in interface_members(introspection_xml()).items():
         if iface == JOB_IFACE:
             continue  # published for each install job: test_install_e2e looks at one
         assert published[iface] == members, iface

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from gi.repository import GLib
 from xsession.bus import MANAGER_IFACE, MANAGER_PATH, introspection_xml
 from xsession.install.dbus import JOB_IFACE
 
-from .buslib import HELPER_USER, NOBODY, Client, ctl, gdbus
+from .buslib import HELPER_USER, NOBODY, Client, ctl, gdbus, interface_members
 from .guestlib import ask, wait_for
 
 ERROR = "org.xenubuntu.Sessions1.Error."
@@ -32,13 +31,6 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 #: GRUB under OVMF could not load the demo kernel in 256 MiB here ("out of memory")
 WHOLE_MACHINE_MIB = 512
-
-
-@pytest.fixture
-def client(private_bus: str):
-    c = Client(private_bus)
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -57,14 +49,6 @@ def loops(tmp_path: Path):
     yield make
     for dev, _ in made:
         subprocess.run(["losetup", "--detach", dev], capture_output=True)
-
-
-def _members(xml: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for iface in ET.fromstring(xml).iter("interface"):
-        out[iface.get("name", "")] = {f"{m.tag}:{m.get('name')}" for m in iface
-                                      if m.tag in ("method", "property", "signal")}
-    return out
 
 
 def _jobs(client: Client) -> list[tuple[int, str, str, str, str]]:
@@ -130,8 +114,8 @@ def test_a_request_from_inside_a_restored_guest_installs_a_disk_that_boots(
     job = _job(client, path)
     assert job["Session"] == f"{MANAGER_PATH}/session/kubuntu" and job["Target"] == "" and job["Progress"] == 0
     # the job object publishes exactly the Job interface of the XML; the object manager lists it
-    published = _members(client.call(path, "org.freedesktop.DBus.Introspectable", "Introspect")[0])
-    assert published[JOB_IFACE] == _members(introspection_xml())[JOB_IFACE]
+    published = interface_members(client.call(path, "org.freedesktop.DBus.Introspectable", "Introspect")[0])
+    assert published[JOB_IFACE] == interface_members(introspection_xml())[JOB_IFACE]
     objects = client.call(MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")[0]
     assert objects[path][JOB_IFACE]["State"] == "pending"
     wait_for(console_log, b"INSTALL pending", 30)
