@@ -116,6 +116,35 @@ def _return_declared(invocation: Gio.DBusMethodInvocation, result: object) -> No
         invocation.return_value(GLib.Variant("(" + "".join(out) + ")", (result,)))
 
 
+def authorized_call(authorizer: Authorizer, invocation: Gio.DBusMethodInvocation, sender: str, action: str,
+                    interactive: bool, act: Callable[[], object], what: str) -> None:
+    """Authorize, then act in a worker thread and answer from there (Gio allows it).
+
+    The reply has the type the introspection data declares for the method called
+    (``Manager.Activate`` returns the session's path, ``Session.Activate`` nothing):
+    a reply of another type is dropped by Gio and the caller waits out its timeout.
+    """
+
+    def decided(caller: Caller | None, refusal: XSessionError | None) -> None:
+        if refusal is not None:
+            log.info("%s refused for %s: %s", what, caller.uid if caller else sender, refusal)
+            _return_error(invocation, refusal)
+            return
+        assert caller is not None
+        log.info("%s by uid %d (%s)", what, caller.uid, caller.sender)
+        threading.Thread(target=run, name=f"bus-{what}", daemon=True).start()
+
+    def run() -> None:
+        try:
+            result = act()
+        except Exception as e:
+            _return_error(invocation, e)
+            return
+        _return_declared(invocation, result)
+
+    authorizer.check(sender, action, interactive, decided)
+
+
 # --- values ---------------------------------------------------------------------------
 
 #: a reason or warning longer than this is cut: it quotes other programs' output
@@ -570,31 +599,7 @@ class SessionsService:
 
     def _mutate(self, invocation: Gio.DBusMethodInvocation, sender: str, action: str, interactive: bool,
                 act: Callable[[], object], what: str) -> None:
-        """Authorize, then act in a worker thread and answer from there (Gio allows it).
-
-        The reply has the type the introspection data declares for the method called
-        (``Manager.Activate`` returns the session's path, ``Session.Activate`` nothing):
-        a reply of another type is dropped by Gio and the caller waits out its timeout.
-        """
-
-        def decided(caller: Caller | None, refusal: XSessionError | None) -> None:
-            if refusal is not None:
-                log.info("%s refused for %s: %s", what, caller.uid if caller else sender, refusal)
-                _return_error(invocation, refusal)
-                return
-            assert caller is not None
-            log.info("%s by uid %d (%s)", what, caller.uid, caller.sender)
-            threading.Thread(target=run, name=f"bus-{what}", daemon=True).start()
-
-        def run() -> None:
-            try:
-                result = act()
-            except Exception as e:
-                _return_error(invocation, e)
-                return
-            _return_declared(invocation, result)
-
-        self.authorizer.check(sender, action, interactive, decided)
+        authorized_call(self.authorizer, invocation, sender, action, interactive, act, what)
 
     def _list_sessions(self) -> list[tuple[str, str, str, str]]:
         if self.engine is None:

@@ -24,7 +24,7 @@ from .jobs import JobView
 from .manager import InstallManager
 
 if TYPE_CHECKING:
-    from ..bus import Authorizer, Caller
+    from ..bus import Authorizer
 
 __all__ = ["JOB_IFACE", "JOB_PATH", "job_path", "job_properties", "InstallService", "install_service"]
 
@@ -186,26 +186,9 @@ class InstallService:
 
     def _authorized(self, invocation: Gio.DBusMethodInvocation, sender: str, action: str, what: str,
                     act: Any) -> None:
-        from ..bus import _return_error
+        from ..bus import authorized_call
 
-        def decided(caller: Caller | None, refusal: XSessionError | None) -> None:
-            if refusal is not None:
-                log.info("%s refused for %s: %s", what, caller.uid if caller else sender, refusal)
-                _return_error(invocation, refusal)
-                return
-            assert caller is not None
-            log.info("%s by uid %d", what, caller.uid)
-            threading.Thread(target=run, name="bus-install", daemon=True).start()
-
-        def run() -> None:
-            try:
-                act()
-            except Exception as e:
-                _return_error(invocation, e)
-                return
-            invocation.return_value(None)
-
-        self.authorizer.check(sender, action, True, decided)
+        authorized_call(self.authorizer, invocation, sender, action, True, act, what)
 
     # -- the Manager's part ------------------------------------------------------------------
     def manager_call(self, method: str, params: GLib.Variant, invocation: Gio.DBusMethodInvocation) -> bool:
