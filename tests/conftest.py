@@ -197,3 +197,22 @@ def xdisplay(tmp_path_factory) -> str:
     yield display
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture
+def loops(tmp_path: Path):
+    """Loop devices over sparse files of the sizes asked (MiB), detached at teardown."""
+    made: list[tuple[str, Path]] = []
+
+    def make(size_mib: int) -> tuple[str, Path]:
+        image = tmp_path / f"target{len(made)}.img"
+        with open(image, "wb") as f:
+            f.truncate(size_mib * 2**20)
+        dev = subprocess.run(["losetup", "--find", "--show", "--partscan", str(image)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        made.append((dev, image))
+        return dev, image
+
+    yield make
+    for dev, _ in made:
+        subprocess.run(["losetup", "--detach", dev], capture_output=True)

@@ -108,19 +108,12 @@ def _new_job(client, serial: str) -> str:
     raise TimeoutError("no new install job")
 
 
-def test_every_method_answers_with_the_type_it_declares(private_bus, xsessiond, client, tmp_path):
+def test_every_method_answers_with_the_type_it_declares(private_bus, xsessiond, client, loops):
     """Each method of the introspection XML, called by gdbus; the reply parses as the
     declared out type (a reply of another type is dropped: the caller times out)."""
     xsessiond("xenubuntu.restore=off")
-    image = tmp_path / "target.img"
-    with open(image, "wb") as f:
-        f.truncate(300 * 2**20)
-    loop = subprocess.run(["losetup", "--find", "--show", "--partscan", str(image)], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    try:
-        _call_every_method(private_bus, client, loop)
-    finally:
-        subprocess.run(["losetup", "--detach", loop], capture_output=True)
+    loop, _ = loops(300)
+    _call_every_method(private_bus, client, loop)
 
 
 def _call_every_method(private_bus, client, loop: str) -> None:

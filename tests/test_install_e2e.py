@@ -16,7 +16,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from gi.repository import GLib
 
 from xsession.bus import MANAGER_IFACE, MANAGER_PATH, introspection_xml
@@ -31,24 +30,6 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 #: GRUB under OVMF could not load the demo kernel in 256 MiB here ("out of memory")
 WHOLE_MACHINE_MIB = 512
-
-
-@pytest.fixture
-def loops(tmp_path: Path):
-    made: list[tuple[str, Path]] = []
-
-    def make(size_mib: int) -> tuple[str, Path]:
-        image = tmp_path / f"target{len(made)}.img"
-        with open(image, "wb") as f:
-            f.truncate(size_mib * MiB)
-        dev = subprocess.run(["losetup", "--find", "--show", "--partscan", str(image)], check=True,
-                             capture_output=True, text=True).stdout.strip()
-        made.append((dev, image))
-        return dev, image
-
-    yield make
-    for dev, _ in made:
-        subprocess.run(["losetup", "--detach", dev], capture_output=True)
 
 
 def _jobs(client: Client) -> list[tuple[int, str, str, str, str]]:
