@@ -126,4 +126,7 @@ def test_from_a_seek_bound_medium_the_statefile_is_one_sequential_read(demo_medi
     # the first progress call; every request after it up to the last call belongs to the statefile
     during = [t for t in trace if marks[0] < float(t[5]) <= marks[-1]]
     assert during, "no drive request while the statefile was read"
-    assert sum(int(t[2]) for t in during) == 0, [t for t in during if int(t[2])]
+    # at most one: the file system may read its block index for the statefile again once under
+    # memory pressure (seen once in a long run); QEMU's kernel, initrd and disk reads between
+    # the statefile's blocks, as before, were dozens
+    assert sum(int(t[2]) for t in during) <= 1, [t for t in during if int(t[2])]
