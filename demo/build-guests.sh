@@ -54,8 +54,11 @@ for spec in "$@"; do
   done
   install -m 755 "$HERE/guest-init" "$R/init"
   printf 'FLAVOUR=%s\nTITLE="%s"\nKIND=%s\n' "$name" "$title" "$kind" > "$R/etc/flavour"
-  # uncompressed: under TCG, unpacking a compressed archive costs boot time
-  (cd "$R" && find . | "$X/bb/bin/busybox" cpio -o -H newc 2>/dev/null) > "$OUT/initrd-$name.cpio.new"
+  # uncompressed: under TCG, unpacking a compressed archive costs boot time; reproducible
+  # (fixed times and owners, sorted, no inode numbers): the same inputs give the same bytes in
+  # every checkout, so what is cached by those bytes (mastered media, Xen statefiles) is found
+  find "$R" -exec touch -h -d @0 {} +
+  (cd "$R" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) > "$OUT/initrd-$name.cpio.new"
   mv -f "$OUT/initrd-$name.cpio.new" "$OUT/initrd-$name.cpio"
 done
 rm -f "$OUT"/.built-*

@@ -108,7 +108,8 @@ def _mastering_key(spec: Path, builds: dict[str, Path]) -> str:
                  qemu.QemuBackend.settle, qemu.QemuBackend._wait_settled, qemu.QemuBackend._wait_ready,
                  qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE,
                  repr((qemu.SETTLE_QUIET_S, qemu.SETTLE_QUIET_PLAIN_S, qemu.PAINTED_COLOURS, qemu.SETTLE_SAMPLE_S,
-                       qemu.SETTLE_AFTER_READY_S, qemu.SETTLE_QUIET_TEXT_MODE_S, qemu.TEXT_MODE))):
+                       qemu.SETTLE_AFTER_READY_S, qemu.SETTLE_QUIET_TEXT_MODE_S, qemu.TEXT_MODE,
+                       qemu.SETTLE_QUIET_PLAIN_SCREEN_ONLY_S))):
         h.update(code.encode() if isinstance(code, str) else inspect.getsource(code).encode())
     return h.hexdigest()[:12]
 

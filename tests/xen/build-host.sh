@@ -4,9 +4,10 @@
 # packages xsession needs, plus the tiny test guest (kernel + busybox initramfs).
 #
 # Nothing is installed on this machine: the packages are fetched with
-# `apt-get download` and unpacked. The result is cached in
-# .cache/xen/host-KEY/, KEY being a hash of the package versions and of the
-# files that go into the images, so a second run costs nothing.
+# `apt-get download` and unpacked. The result is cached machine-wide in
+# /var/cache/xenubuntu/xen-host/host-KEY/ (every checkout shares it), KEY being a
+# hash of the package versions and of the files that go into the images, so a
+# second run costs nothing; an entry whose archives do not unpack is built again.
 # Prints the folder of the images on its last line:
 #   xen              the hypervisor, gunzipped (QEMU's multiboot loader needs the ELF)
 #   vmlinuz          Debian's kernel, for dom0 and for the guests
@@ -15,9 +16,11 @@
 # The C libraries are taken from this (Debian 12) machine through ldd.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-CACHE=${XEN_CACHE:-$ROOT/.cache/xen}
+CACHE=${XEN_CACHE:-/var/cache/xenubuntu/xen-host}
 mkdir -p "$CACHE/debs"
+# one builder at a time (other checkouts share the cache)
+exec 9>"$CACHE/.lock"
+flock 9
 
 candidate() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p'; }
 if [ -z "$(candidate xen-hypervisor-4.17-amd64)" ] || [ "$(candidate xen-hypervisor-4.17-amd64)" = "(none)" ]; then
@@ -37,7 +40,7 @@ PKGS=(
 versions=$(for p in "${PKGS[@]}"; do echo "$p=$(candidate "$p")"; done)
 KEY=$( { echo "$versions"; cat "$HERE/build-host.sh" "$HERE/dom0-init" "$HERE/guest-init"; } | sha256sum | cut -c1-16)
 OUT=$CACHE/host-$KEY
-if [ -s "$OUT/dom0.cpio.gz" ] && [ -s "$OUT/guest.cpio.gz" ]; then echo "$OUT"; exit 0; fi
+if gzip -t "$OUT/dom0.cpio.gz" 2>/dev/null && gzip -t "$OUT/guest.cpio.gz" 2>/dev/null; then echo "$OUT"; exit 0; fi
 
 download() { ( cd "$CACHE/debs" && apt-get download "${PKGS[@]}" >&2 2> >(grep -v 'unsandboxed' >&2) ); }
 # stale apt lists name versions the mirror no longer has: refresh once and try again

@@ -74,6 +74,10 @@ AGENT_TIMEOUT_S = 5.0
 #: a screen that has not changed for this long after it last changed has settled
 SETTLE_QUIET_S = 10.0  # under emulation a panel can come seconds after the wallpaper
 SETTLE_QUIET_PLAIN_S = 20.0
+#: ... and while nothing but the screen tells that the system is up: an X server shows a black
+#: screen with a cursor, unchanged, until the desktop paints (measured on a quiet host: 20 s
+#: for a live ISO's LXQt under emulation, longer under load), as long as a text mode's silence
+SETTLE_QUIET_PLAIN_SCREEN_ONLY_S = 90.0
 SETTLE_QUIET_TEXT_MODE_S = 90.0
 #: the VGA text mode's screen (80x25 characters of 9x16)
 TEXT_MODE = (720, 400)
@@ -708,7 +712,7 @@ class QemuBackend:
         if flavour.readiness == "channel" and guest.channel is not None:
             ok = guest.channel.wait_ready(cb.timeout_s, alive)
         elif flavour.readiness == "screen":
-            ok = self._wait_settled(guest, cb.timeout_s, alive)
+            ok = self._wait_settled(guest, cb.timeout_s, alive, plain_quiet_s=SETTLE_QUIET_PLAIN_SCREEN_ONLY_S)
         else:
             ok = wait_for_text(guest.rundir / "console.log", cb.ready_line, cb.timeout_s, alive)
         if not ok:
@@ -717,10 +721,12 @@ class QemuBackend:
             raise HypervisorError(what, why or "QEMU exited")
 
     @staticmethod
-    def _wait_settled(guest: QemuGuest, timeout: float, alive: Callable[[], bool]) -> bool:
+    def _wait_settled(guest: QemuGuest, timeout: float, alive: Callable[[], bool],
+                      plain_quiet_s: float = SETTLE_QUIET_PLAIN_S) -> bool:
         """Until the screen changed and then stayed the same: for :data:`SETTLE_QUIET_S` once
-        it is painted (many colours), for :data:`SETTLE_QUIET_PLAIN_S` while it is plain (a
-        black screen before the desktop paints itself, or a text console that stays one),
+        it is painted (many colours), for ``plain_quiet_s`` while it is plain (a black screen
+        before the desktop paints itself, or a text console that stays one; longer when
+        nothing else says that the system is up),
         and for :data:`SETTLE_QUIET_TEXT_MODE_S` in the PC's text mode, which a booting
         kernel shows, silent, for as long as it loads (a running system has left it)."""
         deadline = time.monotonic() + timeout
@@ -736,10 +742,10 @@ class QemuBackend:
                 if not guest.is_alive():
                     return False
             quiet = (SETTLE_QUIET_S if painted else SETTLE_QUIET_TEXT_MODE_S if text_mode
-                     else SETTLE_QUIET_PLAIN_S)
+                     else plain_quiet_s)
             if settled(samples, quiet):
                 return True
-            samples = samples[-int(2 * SETTLE_QUIET_PLAIN_S / SETTLE_SAMPLE_S):] if len(samples) > 400 else samples
+            samples = samples[-int(2 * max(quiet, plain_quiet_s) / SETTLE_SAMPLE_S):] if len(samples) > 400 else samples
             time.sleep(SETTLE_SAMPLE_S)
         return False
 
