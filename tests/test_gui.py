@@ -452,6 +452,35 @@ def test_xsession_gui_command_opens_its_window(xdisplay, xsessiond, private_bus)
     assert "appeared" in out, out
 
 
+def test_full_screen_without_a_window_manager_covers_the_screen(xdisplay, xsessiond, private_bus):
+    """dom0's desktop runs X with the chooser alone: no window manager to honour a full-screen
+    request, so the window itself takes the whole screen (Xvfb's 1280x800 here)."""
+    xsessiond("xenubuntu.restore=off")
+    env = dict(os.environ, DISPLAY=xdisplay)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "xsession-gui"), "--address", private_bus,
+                             "--no-auto-show", "--fullscreen"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        found = subprocess.run(["xdotool", "search", "--sync", "--onlyvisible", "--name", "^XenUbuntu$"],
+                               env=env, capture_output=True, text=True, timeout=30)
+        assert found.returncode == 0 and found.stdout.strip(), found
+        wid = found.stdout.split()[0]
+        geometry = ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            geometry = subprocess.run(["xdotool", "getwindowgeometry", "--shell", wid], env=env,
+                                      capture_output=True, text=True, timeout=10).stdout
+            if "WIDTH=1280" in geometry and "HEIGHT=800" in geometry:
+                break
+            time.sleep(0.2)
+        assert "X=0" in geometry and "Y=0" in geometry, geometry
+        assert "WIDTH=1280" in geometry and "HEIGHT=800" in geometry, geometry
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode(errors="replace")
+    assert "window mapped (1280x800)" in out, out
+
+
 def test_the_default_session_is_shown_at_once_when_it_runs(xsessiond, gui):
     xsessiond("xenubuntu.restore=lazy xenubuntu.flavour=server")
     window = gui(auto_show=True)

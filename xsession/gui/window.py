@@ -257,6 +257,20 @@ class MainWindow(Gtk.Window):
         return False
 
 
+def fill_screen(window: Gtk.Window) -> None:
+    """Cover the whole monitor. A window manager honours ``fullscreen()``; dom0's desktop has
+    none (X runs the chooser alone), so the window also takes the monitor's place and size."""
+    window.fullscreen()
+    display = Gdk.Display.get_default()
+    monitor = display.get_primary_monitor() or display.get_monitor(0)
+    if monitor is None:
+        return
+    area = monitor.get_geometry()
+    window.set_decorated(False)
+    window.set_default_size(area.width, area.height)
+    window.move(area.x, area.y)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``xsession-gui``: the chooser on the system bus (or ``--address``)."""
     p = argparse.ArgumentParser(prog="xsession-gui", description="XenUbuntu: choose a flavour, switch consoles")
@@ -282,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     window = MainWindow(client, auto_show_default=not args.no_auto_show)
     window.connect("destroy", lambda _w: Gtk.main_quit())
     if args.fullscreen:
-        window.fullscreen()
+        fill_screen(window)
     # the line a boot test (and a person reading the journal) looks for
     window.connect("map-event", lambda w, _e: log.info("window mapped (%dx%d)", w.get_allocated_width(),
                                                         w.get_allocated_height()))
