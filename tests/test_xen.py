@@ -24,7 +24,7 @@ SCENARIO = Path(__file__).parent / "xen" / "scenario_backend.py"
 
 @pytest.fixture(scope="module")
 def run() -> ScenarioRun:
-    return run_scenario(SCENARIO, timeout=900)
+    return run_scenario(SCENARIO, {"rfb.py": SCENARIO.parent / "rfb.py"}, timeout=900)
 
 
 def result(run: ScenarioRun, name: str) -> dict:
@@ -47,6 +47,15 @@ def test_master_two_flavours(run):
         assert f["backend"] == "xen" and f["path"].endswith(".xl.zst")
         assert f["raw_size"] > 96 << 20 > f["size"] > 0  # the whole RAM is in the image; zstd shrinks it
     assert r["domains_left"] == []  # xl save ended the mastering domains
+
+
+def test_a_pv_flavour_shows_its_screen_over_vnc_after_a_restore(run):
+    """Xen's device model serves the PV framebuffer on the session's VNC socket (the Console
+    property's ``vnc``, as QEMU's sessions have); the guest's console text is on it."""
+    r = result(run, "display")
+    assert r["address"].startswith("unix:") and r["address"].endswith("/alpha/vnc.sock"), r
+    assert r["lit"] > 200 and r["colours"] >= 2, r
+    assert "vnc" not in r["beta_console"], r
 
 
 def test_restore_in_priority_order(run):

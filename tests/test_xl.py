@@ -3,6 +3,7 @@ from Debian's xl 4.17 in the test host's dom0 (tests/xen/recorded/)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,22 @@ def test_xl_settings(tmp_path):
     assert "cpuid" not in xl_settings(*_flavour("pv", "qemu64"))
     with pytest.raises(HypervisorError, match="not a Xen domain type"):
         xl_settings(*_flavour("pc-i440fx-7.2"))
+
+
+def test_a_flavour_with_a_screen_gets_a_pv_framebuffer_served_on_its_run_folders_vnc_socket(tmp_path):
+    f, m = _flavour("pv")  # vga "std", the default
+    s = xl_settings(f, m, tmp_path / "alpha")
+    assert s["vfb"] == [f"vnc=1,vnclisten=unix:{tmp_path / 'alpha' / 'vnc.sock'}"]
+    text = xl.write_config(tmp_path / "a.cfg", s).read_text()
+    assert f'vfb = ["vnc=1,vnclisten=unix:{tmp_path / "alpha" / "vnc.sock"}"]\n' in text
+    assert "vfb" not in xl_settings(f, m)  # no run folder: nowhere to serve it
+    blind = dataclasses.replace(f, machine=dataclasses.replace(f.machine, vga="none"))
+    assert "vfb" not in xl_settings(blind, m, tmp_path / "alpha")
+    # xl splits a vfb's settings at commas, and a unix socket's path has a length limit
+    with pytest.raises(HypervisorError, match="display socket"):
+        xl_settings(f, m, tmp_path / "a,b")
+    with pytest.raises(HypervisorError, match="display socket"):
+        xl_settings(f, m, tmp_path / ("x" * 100))
 
 
 def test_overhead():

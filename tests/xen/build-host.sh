@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build the Xen test host from Debian 12's packages: Xen 4.17, a dom0 kernel
-# and a dom0 initramfs that runs the xl toolstack and Python 3 with the Debian
-# packages xsession needs, plus the tiny test guest (kernel + busybox initramfs).
+# and a dom0 initramfs that runs the xl toolstack, Xen's device model (QEMU, for PV
+# framebuffers) and Python 3 with the Debian packages xsession needs, plus the
+# tiny test guest (kernel + busybox initramfs).
 #
 # Nothing is installed on this machine: the packages are fetched with
 # `apt-get download` and unpacked. The result is cached machine-wide in
@@ -34,6 +35,7 @@ PKGS=(
   xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils
   libxencall1 libxendevicemodel1 libxenevtchn1 libxenforeignmemory1 libxengnttab1
   libxenhypfs1 libxenmisc4.17 libxenstore4 libxentoolcore1 libxentoollog1 libyajl2
+  qemu-system-xen
   "linux-image-$KVER" busybox-static zstd libzstd1
   python3.11-minimal libpython3.11-minimal libpython3.11-stdlib python3-yaml libyaml-0-2
 )
@@ -86,6 +88,9 @@ mkdir -p "$R/usr/lib/xen-4.17" "$R/usr/lib/x86_64-linux-gnu"
 cp -a "$X/usr/lib/xen-4.17/bin" "$X/usr/lib/xen-4.17/boot" "$R/usr/lib/xen-4.17/"
 cp -a "$X"/usr/lib/x86_64-linux-gnu/{libxen,libxl,libyajl,libyaml,libzstd}* "$R/usr/lib/x86_64-linux-gnu/"
 cp -a "$X"/usr/bin/xenstore* "$X/usr/bin/zstd" "$R/usr/bin/"
+# Xen's device model (QEMU), where libxl looks for it: it serves the PV framebuffer over VNC
+mkdir -p "$R/usr/libexec"
+cp -a "$X/usr/libexec/xen-qemu-system-i386" "$R/usr/libexec/"
 cp -a "$X/etc/xen/." "$R/etc/xen/"
 # Python from Debian's packages, in Debian's layout (site.py adds dist-packages)
 cp -a "$X/usr/bin/python3.11" "$R/usr/bin/"
@@ -95,7 +100,7 @@ cp -a "$X/usr/lib/python3.11" "$R/usr/lib/"
 cp -a "$X/usr/lib/python3/dist-packages/." "$R/usr/lib/python3/dist-packages/"
 rm -rf "$R/usr/lib/python3.11/test" "$R"/usr/lib/python3.11/lib-dynload/_test*
 # the shared libraries of all that (libc, libz, libexpat, libssl, ...) from this machine
-{ for b in "$R"/usr/lib/xen-4.17/bin/* "$R"/usr/bin/* "$R"/usr/lib/python3.11/lib-dynload/*.so \
+{ for b in "$R"/usr/lib/xen-4.17/bin/* "$R"/usr/bin/* "$R"/usr/libexec/* "$R"/usr/lib/python3.11/lib-dynload/*.so \
            "$R"/usr/lib/python3/dist-packages/*.so "$R"/usr/lib/python3/dist-packages/*/*.so; do
     [ -f "$b" ] || continue
     LD_LIBRARY_PATH=$X/usr/lib/x86_64-linux-gnu ldd "$b" 2>/dev/null || true

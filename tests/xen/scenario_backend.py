@@ -76,7 +76,7 @@ def _master():
         XenFlavourSpec(name="beta", title="Beta (PVH)", priority=2, kernel=GUEST / "vmlinuz",
                        initrd=GUEST / "guest.cpio.gz", cmdline="console=hvc0 loglevel=4 xsession.ready=XS-READY-beta",
                        ready_line="XS-READY-beta", machine_type="pvh", memory_mib=96, cpuid=TCG_PVH_CPUID,
-                       settle_s=3.0),
+                       settle_s=3.0, display=False),
     ]
     m = master_medium(backend, specs, MEDIUM, WORK / "mastering")
     last = {f.name: max(counters((LOGS / f"guest-{f.name}.log").read_text(errors="replace")), default=0)
@@ -124,6 +124,35 @@ def restore_one(flavour, index: int):
 
 for i, f in enumerate(order):
     step(f"restore-{f.name}")(lambda f=f, i=i: restore_one(f, i))
+
+
+@step("display")
+def _display():
+    """The PV flavour's screen, through Xen's device model's VNC socket as the chooser sees it:
+    the guest's text console (a counter written to tty1 every second) drawn on its framebuffer;
+    the flavour mastered without a screen has none."""
+    import rfb
+
+    alpha, beta = guests["alpha"], guests["beta"]
+    address = alpha.console.get("vnc", "")
+    path = Path(address.removeprefix("unix:"))
+    deadline = time.monotonic() + 60
+    while not path.is_socket() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    frame = None
+    while time.monotonic() < deadline:
+        try:
+            frame = rfb.grab(str(path))
+        except (OSError, rfb.RfbError):
+            frame = None
+        if frame is not None and frame.lit() > 200:
+            break
+        time.sleep(1)
+    dm = subprocess.run(["pgrep", "-af", "xen-qemu-system-i386"], capture_output=True, text=True).stdout
+    return {"ok": frame is not None and frame.lit() > 200 and "vnc" not in beta.console,
+            "address": address, "size": [frame.width, frame.height] if frame else None,
+            "colours": frame.colours() if frame else 0, "lit": frame.lit() if frame else 0,
+            "name": frame.name if frame else "", "beta_console": beta.console, "device_models": dm.strip()}
 
 
 @step("memory")

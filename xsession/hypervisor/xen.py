@@ -85,20 +85,35 @@ def cpuid_of(machine: MachineConfig) -> str | None:
     return None if machine.cpu in ("host", "qemu64", "") else machine.cpu
 
 
-def xl_settings(flavour: Flavour, manifest: Manifest) -> dict[str, str | int]:
+#: the VNC server of a domain's PV framebuffer: a unix socket in its run folder, as QEMU's
+DISPLAY_SOCKET = "vnc.sock"
+
+
+def display_socket(flavour: Flavour, rundir: Path) -> Path | None:
+    """Where the flavour's screen is served, or None for a domain without one (``vga: none``)."""
+    return None if flavour.machine.vga == "none" else rundir / DISPLAY_SOCKET
+
+
+def xl_settings(flavour: Flavour, manifest: Manifest, rundir: Path | None = None
+                ) -> dict[str, str | int | list[str]]:
     """The xl configuration of a flavour's domain, for create and for restore.
 
     A restore uses the same file as a cold boot: the guest-visible part
     (type, memory, vCPUs, CPUID) must be the one the image was saved with, and
     a reboot ends the domain (the manager decides what comes next, as QEMU's
     ``-no-reboot``); a crash keeps it for inspection and is reported.
+
+    A flavour with a screen (``vga`` other than ``none``) gets a PV framebuffer and
+    keyboard (``vfb``, which brings a ``vkb``): Xen's device model (QEMU in dom0)
+    serves it over VNC on a unix socket in ``rundir``, as QEMU's own sessions do. It
+    is a backend in dom0, outside the saved state: a restore starts a new one.
     """
     m = flavour.machine
     if m.machine_type not in ("pv", "pvh"):
         raise HypervisorError(f"configure {flavour.name}",
                               f"machine_type {m.machine_type!r} is not a Xen domain type (pv or pvh)")
     cb = flavour.cold_boot
-    settings: dict[str, str | int] = {
+    settings: dict[str, str | int | list[str]] = {
         "name": flavour.name,
         "type": m.machine_type,
         "kernel": str(manifest.resolve(cb.kernel)),
@@ -114,6 +129,12 @@ def xl_settings(flavour: Flavour, manifest: Manifest) -> dict[str, str | int]:
     cpuid = cpuid_of(m)
     if cpuid:
         settings["cpuid"] = cpuid
+    sock = display_socket(flavour, rundir) if rundir is not None else None
+    if sock is not None:
+        if "," in str(sock) or len(str(sock)) > 100:
+            raise HypervisorError(f"configure {flavour.name}",
+                                  f"the display socket {sock} has a comma or is too long for a unix socket")
+        settings["vfb"] = [f"vnc=1,vnclisten=unix:{sock}"]
     return settings
 
 
@@ -124,11 +145,14 @@ class XenGuest:
     """
 
     def __init__(self, name: str, domid: int, rundir: Path, console_log: Path, *, xl_path: str = xl.XL,
-                 console_proc: subprocess.Popen[bytes] | None = None, poll_s: float = POLL_S):
+                 console_proc: subprocess.Popen[bytes] | None = None, poll_s: float = POLL_S,
+                 display: Path | None = None):
         self.name = name
         self.domid = domid
         self.rundir = rundir
         self.console_log = console_log
+        #: the VNC socket of its PV framebuffer (served by Xen's device model), if it has one
+        self.display = display
         #: console bytes before this guest's life (the log is shared by all domains of the name)
         self.console_start = _size(console_log)
         self._xl = xl_path
@@ -148,7 +172,11 @@ class XenGuest:
 
     @property
     def console(self) -> dict[str, str]:
-        return {"xen": f"xl console {self.name}", "domid": str(self.domid), "log": str(self.console_log)}
+        """How to reach it: its PV console (``xl console``, the log) and its screen (``vnc``), if any."""
+        out = {"xen": f"xl console {self.name}", "domid": str(self.domid), "log": str(self.console_log)}
+        if self.display is not None:
+            out["vnc"] = f"unix:{self.display}"
+        return out
 
     @property
     def exit_reason(self) -> str | None:
@@ -368,14 +396,18 @@ class XenBackend:
         (rundir / "console.log").unlink(missing_ok=True)
         if self._domid(flavour.name) is not None:
             raise HypervisorError(f"start {flavour.name}", f"a domain named {flavour.name} already exists")
-        return xl.write_config(rundir / f"{flavour.name}.cfg", xl_settings(flavour, manifest))
+        sock = display_socket(flavour, rundir)
+        if sock is not None:
+            sock.unlink(missing_ok=True)  # the last life's: a client must not find a dead socket
+        return xl.write_config(rundir / f"{flavour.name}.cfg", xl_settings(flavour, manifest, rundir))
 
     def _console_path(self, name: str, rundir: Path) -> Path:
         if self.console_log_dir is not None:
             return self.console_log_dir / f"guest-{name}.log"
         return rundir / "console.log"
 
-    def _attach(self, name: str, rundir: Path, console_start: int | None = None) -> XenGuest:
+    def _attach(self, name: str, rundir: Path, console_start: int | None = None,
+                display: Path | None = None) -> XenGuest:
         """A guest object for the domain just made, with its console reader.
 
         :raises XlError: the domain is not there.
@@ -391,7 +423,7 @@ class XenBackend:
                 proc = subprocess.Popen(xl.console_argv(name, xl=self.xl), stdin=subprocess.PIPE, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         guest = XenGuest(name, domid, rundir, console_log, xl_path=self.xl, console_proc=proc,
-                         poll_s=self.poll_s)
+                         poll_s=self.poll_s, display=display)
         if console_start is not None:
             guest.console_start = console_start
         return guest
@@ -451,7 +483,7 @@ class XenBackend:
                 raise MediumUnavailable(str(path), f"reading the statefile failed: {result.medium_error}")
             raise StatefileCorrupt(str(path), result.problem or "")
         try:
-            guest = self._attach(flavour.name, rundir, console_start)
+            guest = self._attach(flavour.name, rundir, console_start, display_socket(flavour, rundir))
             self._unpause(guest)
         except BaseException:
             self._destroy_quietly(flavour.name)
@@ -499,7 +531,7 @@ class XenBackend:
         console_start = _size(self._console_path(flavour.name, rundir))
         try:
             xl.create(config, paused=True, xl=self.xl)
-            guest = self._attach(flavour.name, rundir, console_start)
+            guest = self._attach(flavour.name, rundir, console_start, display_socket(flavour, rundir))
             self._unpause(guest)
         except xl.XlError as e:
             self._destroy_quietly(flavour.name)
@@ -532,7 +564,8 @@ class XenBackend:
         if row is None or row.shutdown or row.crashed or row.dying:
             return None
         rundir.mkdir(parents=True, exist_ok=True)
-        guest = self._attach(name, rundir)
+        sock = rundir / DISPLAY_SOCKET
+        guest = self._attach(name, rundir, display=sock if sock.is_socket() else None)
         guest.console_start = _size(guest.console_log)
         return guest
 

@@ -22,7 +22,7 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -427,8 +427,9 @@ def is_no_such_domain(error: XlError) -> bool:
                                          or "does not exist" in error.stderr)
 
 
-def write_config(path: Path, settings: dict[str, str | int]) -> Path:
-    """Write an xl config file (``key = value``; strings quoted) and return its path."""
+def write_config(path: Path, settings: Mapping[str, str | int | list[str]]) -> Path:
+    """Write an xl config file (``key = value``; strings quoted, lists of strings in brackets)
+    and return its path."""
     lines = []
     for key, value in settings.items():
         lines.append(f"{key} = {value}" if isinstance(value, int) else f"{key} = {json.dumps(value)}")

@@ -43,6 +43,8 @@ PACKAGES = (
     "linux-image-amd64", "systemd", "systemd-sysv", "dbus", "udev", "kmod",
     "live-boot", "live-boot-initramfs-tools", "initramfs-tools", "zstd", "busybox",
     "xen-hypervisor-4.17-amd64", "xen-utils-4.17", "xen-utils-common", "xenstore-utils",
+    # Xen's device model: it serves the Xen sessions' PV framebuffers over VNC to the chooser
+    "qemu-system-xen",
     "iproute2", "procps", "less",
     # dom0's screen: X (modesetting, libinput) started by a unit, showing the chooser (xsession-gui)
     "xserver-xorg-core", "xserver-xorg-input-libinput", "xinit", "fonts-dejavu-core",
