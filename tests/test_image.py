@@ -219,15 +219,20 @@ def _wait_state(m: Machine, flavour: str, want: str, timeout: float = 600) -> tu
 
 
 
-def _wait_chooser(m: Machine, timeout: float = 600) -> float:
-    """Wait until the chooser says its window is mapped; seconds since QEMU started."""
+def _wait_journal(m: Machine, unit: str, text: str, timeout: float = 600) -> float:
+    """Wait until ``unit`` logged a line holding ``text``; seconds since QEMU started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "window mapped" in m.shell("journalctl -b -u xenubuntu-desktop -o cat --no-pager | grep -m1 mapped"):
+        if text in m.shell(f"journalctl -b -u {unit} -o cat --no-pager | grep -m1 -F '{text}'"):
             return time.monotonic() - m.t0
         time.sleep(5)
-    why = m.shell("systemctl status xenubuntu-desktop --no-pager -l | tail -n 30; tail -n 30 /var/log/Xorg.0.log")
-    raise AssertionError(f"no chooser window:\n{why}")
+    why = m.shell(f"systemctl status {unit} --no-pager -l | tail -n 30; tail -n 30 /var/log/Xorg.0.log")
+    raise AssertionError(f"{unit} never logged {text!r}:\n{why}")
+
+
+def _wait_chooser(m: Machine, timeout: float = 600) -> float:
+    """Wait until the chooser says its window is mapped; seconds since QEMU started."""
+    return _wait_journal(m, "xenubuntu-desktop", "window mapped", timeout)
 
 
 def _light_share_and_colours(png: Path) -> tuple[float, int]:
@@ -295,8 +300,12 @@ def test_default_entry_boots_xen_from_efi_and_restores_the_default_session(image
         xl_logs = m.shell("cat /var/log/xen/xl-*.log")
         assert not re.search(r"(?i)abort|corrupt|assertion", xl_logs), xl_logs
         assert _prop(m, MANAGER, "Manager", "Warnings") == "as 0"
-        # dom0's desktop: the chooser's window on the machine's screen
+        # dom0's desktop: the chooser's window on the machine's screen, showing the default
+        # session's own screen (its PV framebuffer, served over VNC by Xen's device model)
         t_chooser = _wait_chooser(m)
+        assert "vnc" in _prop(m, f"{MANAGER}/session/kubuntu", "Session", "Console")
+        t_display = _wait_journal(m, "xenubuntu-desktop", "kubuntu: display connected")
+        time.sleep(3)  # a frame or two of the guest's console
         picture = m.screendump(ARTIFACTS / "image-xen-default-screen.png")
         light, colours = _light_share_and_colours(picture)
         # Linux's console (black, grey text, no smoothing) has a few colours and almost no light
@@ -305,6 +314,7 @@ def test_default_entry_boots_xen_from_efi_and_restores_the_default_session(image
         assert light > 0.5 and colours > 20, (light, colours)
         stages = _stages(m, "kubuntu", t_running)
         stages["chooser_shown_seen"] = round(t_chooser, 1)
+        stages["session_screen_shown_seen"] = round(t_display, 1)
         stages["screen_light_share"] = round(light, 3)
         stages["systemd_analyze"] = m.shell("systemd-analyze")
         stages["state_reason"] = reason

@@ -58,6 +58,16 @@ def test_a_pv_flavour_shows_its_screen_over_vnc_after_a_restore(run):
     assert "vnc" not in r["beta_console"], r
 
 
+def test_a_restored_domain_talks_over_its_guest_channel_both_ways(run):
+    """The guest channel (install requests) under Xen: a PV channel served on the session's
+    socket, read by the same reader as QEMU's port; heartbeats go on after the restore and
+    dom0's answer reaches the guest."""
+    r = result(run, "channel")
+    assert r["socket"].endswith("/alpha/guest.sock"), r
+    assert r["later_heartbeat"] > r["first_heartbeat"] > 0 and r["heard"] and r["refused"] == 0, r
+    assert not r["beta_channel"], r
+
+
 def test_restore_in_priority_order(run):
     assert result(run, "restore-alpha")["order"] == 0
     assert result(run, "restore-beta")["order"] == 1

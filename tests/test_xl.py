@@ -121,7 +121,7 @@ def test_xl_settings(tmp_path):
         xl_settings(*_flavour("pc-i440fx-7.2"))
 
 
-def test_a_flavour_with_a_screen_gets_a_pv_framebuffer_served_on_its_run_folders_vnc_socket(tmp_path):
+def test_a_flavours_screen_and_channel_are_served_on_its_run_folders_sockets(tmp_path):
     f, m = _flavour("pv")  # vga "std", the default
     s = xl_settings(f, m, tmp_path / "alpha")
     assert s["vfb"] == [f"vnc=1,vnclisten=unix:{tmp_path / 'alpha' / 'vnc.sock'}"]
@@ -130,10 +130,14 @@ def test_a_flavour_with_a_screen_gets_a_pv_framebuffer_served_on_its_run_folders
     assert "vfb" not in xl_settings(f, m)  # no run folder: nowhere to serve it
     blind = dataclasses.replace(f, machine=dataclasses.replace(f.machine, vga="none"))
     assert "vfb" not in xl_settings(blind, m, tmp_path / "alpha")
-    # xl splits a vfb's settings at commas, and a unix socket's path has a length limit
-    with pytest.raises(HypervisorError, match="display socket"):
+    assert "channel" not in s  # no guest channel in this flavour
+    talks = dataclasses.replace(f, machine=dataclasses.replace(f.machine, guest_channel=True))
+    assert xl_settings(talks, m, tmp_path / "alpha")["channel"] == [
+        f"name=org.xenubuntu.guest.0,connection=socket,path={tmp_path / 'alpha' / 'guest.sock'}"]
+    # xl splits a device's settings at commas, and a unix socket's path has a length limit
+    with pytest.raises(HypervisorError, match="run folder"):
         xl_settings(f, m, tmp_path / "a,b")
-    with pytest.raises(HypervisorError, match="display socket"):
+    with pytest.raises(HypervisorError, match="run folder"):
         xl_settings(f, m, tmp_path / ("x" * 100))
 
 

@@ -73,7 +73,7 @@ mkcpio() { (cd "$1" && find . | "$BB" cpio -o -H newc 2>/dev/null | gzip -1) > "
 # --- the guest: busybox and an /init that prints a ready line and a counter
 mkdir -p "$G"/{bin,dev,proc,sys}
 cp "$BB" "$G/bin/busybox"
-for a in sh cat cut sleep mount echo; do ln -s busybox "$G/bin/$a"; done
+for a in sh cat cut sleep mount echo stty; do ln -s busybox "$G/bin/$a"; done
 install -m 755 "$HERE/guest-init" "$G/init"
 mkcpio "$G" "$B/guest.cpio.gz"
 

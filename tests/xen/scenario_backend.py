@@ -76,7 +76,7 @@ def _master():
         XenFlavourSpec(name="beta", title="Beta (PVH)", priority=2, kernel=GUEST / "vmlinuz",
                        initrd=GUEST / "guest.cpio.gz", cmdline="console=hvc0 loglevel=4 xsession.ready=XS-READY-beta",
                        ready_line="XS-READY-beta", machine_type="pvh", memory_mib=96, cpuid=TCG_PVH_CPUID,
-                       settle_s=3.0, display=False),
+                       settle_s=3.0, display=False, channel=False),
     ]
     m = master_medium(backend, specs, MEDIUM, WORK / "mastering")
     last = {f.name: max(counters((LOGS / f"guest-{f.name}.log").read_text(errors="replace")), default=0)
@@ -124,6 +124,29 @@ def restore_one(flavour, index: int):
 
 for i, f in enumerate(order):
     step(f"restore-{f.name}")(lambda f=f, i=i: restore_one(f, i))
+
+
+@step("channel")
+def _channel():
+    """The PV flavour's guest channel after its restore: the guest's heartbeats reach the
+    session's reader, and a line from dom0 reaches the guest (it shows it on its console)."""
+    alpha, beta = guests["alpha"], guests["beta"]
+    reader = alpha.channel
+    if reader is None:
+        return {"ok": False, "why": "no channel reader"}
+    first = reader.wait_heartbeat(0, 60, alpha.is_alive)
+    later = reader.wait_heartbeat(first or 0, 30, alpha.is_alive) if first else None
+    sent = reader.send(b"xenubuntu1 install 0123456789abcdef done\n")
+    deadline = time.monotonic() + 30
+    while "FROM-DOM0 xenubuntu1 install 0123456789abcdef done" not in alpha.read_console():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    heard = "FROM-DOM0 xenubuntu1 install 0123456789abcdef done" in alpha.read_console()
+    return {"ok": bool(first and later and later > first and sent and heard and beta.channel is None
+                       and reader.refused == 0),
+            "first_heartbeat": first, "later_heartbeat": later, "sent": sent, "heard": heard,
+            "refused": reader.refused, "socket": str(reader.socket_path), "beta_channel": beta.channel is not None}
 
 
 @step("display")

@@ -28,6 +28,10 @@ callback when the domain disappears, crashes or shuts down without being asked.
 
 Domain names are flavour names; a domain is addressed by its id once known,
 so a replacement with the same name is never paused or destroyed by mistake.
+
+A flavour with a screen gets a PV framebuffer, and one with a guest channel a
+PV channel; Xen's device model (QEMU in dom0) serves both on sockets in the
+session's run folder (``vnc.sock``, ``guest.sock``), as QEMU's sessions have.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import time
 from pathlib import Path
 
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
+from ..guestchannel import PORT_NAME as CHANNEL_PORT
+from ..guestchannel import ChannelReader
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe, zstd_checks_suffice
 from . import xl
@@ -87,6 +93,9 @@ def cpuid_of(machine: MachineConfig) -> str | None:
 
 #: the VNC server of a domain's PV framebuffer: a unix socket in its run folder, as QEMU's
 DISPLAY_SOCKET = "vnc.sock"
+#: the guest channel: a PV channel (a second PV console in the guest, named
+#: ``org.xenubuntu.guest.0``) that Xen's device model serves on this socket, as QEMU's
+CHANNEL_SOCKET = "guest.sock"
 
 
 def display_socket(flavour: Flavour, rundir: Path) -> Path | None:
@@ -129,12 +138,17 @@ def xl_settings(flavour: Flavour, manifest: Manifest, rundir: Path | None = None
     cpuid = cpuid_of(m)
     if cpuid:
         settings["cpuid"] = cpuid
-    sock = display_socket(flavour, rundir) if rundir is not None else None
+    if rundir is None:
+        return settings
+    # xl splits a device's settings at commas; a unix socket's path has a length limit
+    if "," in str(rundir) or len(str(rundir / DISPLAY_SOCKET)) > 100:
+        raise HypervisorError(f"configure {flavour.name}",
+                              f"the run folder {rundir} has a comma or is too long for its sockets")
+    sock = display_socket(flavour, rundir)
     if sock is not None:
-        if "," in str(sock) or len(str(sock)) > 100:
-            raise HypervisorError(f"configure {flavour.name}",
-                                  f"the display socket {sock} has a comma or is too long for a unix socket")
         settings["vfb"] = [f"vnc=1,vnclisten=unix:{sock}"]
+    if m.guest_channel:
+        settings["channel"] = [f"name={CHANNEL_PORT},connection=socket,path={rundir / CHANNEL_SOCKET}"]
     return settings
 
 
@@ -153,6 +167,8 @@ class XenGuest:
         self.console_log = console_log
         #: the VNC socket of its PV framebuffer (served by Xen's device model), if it has one
         self.display = display
+        #: the guest channel's reader, for flavours that have one
+        self.channel: ChannelReader | None = None
         #: console bytes before this guest's life (the log is shared by all domains of the name)
         self.console_start = _size(console_log)
         self._xl = xl_path
@@ -306,11 +322,19 @@ class XenGuest:
                     self._exit_reason = "stopped by the session manager"
             self._end_console()
 
+    def attach_channel(self, flavour: str) -> None:
+        """Read the guest channel (its socket is the device model's); idempotent."""
+        if self.channel is None:
+            self.channel = ChannelReader(self.name, self.rundir / CHANNEL_SOCKET, flavour)
+
     def _end_console(self) -> None:
+        """Stop reading what the domain says: its console process and its channel."""
         proc, self._console_proc = self._console_proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        if self.channel is not None:
+            self.channel.close()
 
 
 class XenBackend:
@@ -484,6 +508,8 @@ class XenBackend:
             raise StatefileCorrupt(str(path), result.problem or "")
         try:
             guest = self._attach(flavour.name, rundir, console_start, display_socket(flavour, rundir))
+            if flavour.machine.guest_channel:
+                guest.attach_channel(flavour.name)
             self._unpause(guest)
         except BaseException:
             self._destroy_quietly(flavour.name)
@@ -532,6 +558,8 @@ class XenBackend:
         try:
             xl.create(config, paused=True, xl=self.xl)
             guest = self._attach(flavour.name, rundir, console_start, display_socket(flavour, rundir))
+            if flavour.machine.guest_channel:
+                guest.attach_channel(flavour.name)
             self._unpause(guest)
         except xl.XlError as e:
             self._destroy_quietly(flavour.name)
@@ -567,6 +595,8 @@ class XenBackend:
         sock = rundir / DISPLAY_SOCKET
         guest = self._attach(name, rundir, display=sock if sock.is_socket() else None)
         guest.console_start = _size(guest.console_log)
+        if (rundir / CHANNEL_SOCKET).is_socket():
+            guest.attach_channel(name)
         return guest
 
     # -- saving (mastering) ----------------------------------------------------------------------

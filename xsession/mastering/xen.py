@@ -60,6 +60,8 @@ class XenFlavourSpec:
     settle_s: float = 3.0
     #: a screen: a PV framebuffer and keyboard that Xen's device model serves over VNC
     display: bool = True
+    #: the guest channel (install requests): a PV channel the device model serves
+    channel: bool = True
 
 
 def _into_pool(src: Path, root: Path) -> str:
@@ -98,7 +100,8 @@ def master_flavour(backend: XenBackend, spec: XenFlavourSpec, root: Path, workdi
     :raises MediumUnavailable: the kernel or initrd is missing.
     """
     machine = MachineConfig(machine_type=spec.machine_type, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                            cpu=spec.cpuid, vga="std" if spec.display else "none", disk_bus="none")
+                            cpu=spec.cpuid, vga="std" if spec.display else "none", disk_bus="none",
+                            guest_channel=spec.channel)
     cold = ColdBoot(kernel=_into_pool(spec.kernel, root), initrd=_into_pool(spec.initrd, root),
                     cmdline=spec.cmdline, ready_line=spec.ready_line, timeout_s=spec.boot_timeout_s)
     flavour = Flavour(name=spec.name, title=spec.title, priority=spec.priority, backend="xen", machine=machine,
