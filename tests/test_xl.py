@@ -124,15 +124,16 @@ def test_xl_settings(tmp_path):
 def test_a_flavours_screen_and_channel_are_served_on_its_run_folders_sockets(tmp_path):
     f, m = _flavour("pv")  # vga "std", the default
     s = xl_settings(f, m, tmp_path / "alpha")
-    assert s["vfb"] == [f"vnc=1,vnclisten=unix:{tmp_path / 'alpha' / 'vnc.sock'}"]
+    assert s["vfb"] == [f"vnc=1,vncunused=0,vnclisten=unix:{tmp_path / 'alpha' / 'vnc.sock'}"]
     text = xl.write_config(tmp_path / "a.cfg", s).read_text()
-    assert f'vfb = ["vnc=1,vnclisten=unix:{tmp_path / "alpha" / "vnc.sock"}"]\n' in text
+    assert f'vfb = ["vnc=1,vncunused=0,vnclisten=unix:{tmp_path / "alpha" / "vnc.sock"}"]\n' in text
     assert "vfb" not in xl_settings(f, m)  # no run folder: nowhere to serve it
     blind = dataclasses.replace(f, machine=dataclasses.replace(f.machine, vga="none"))
     assert "vfb" not in xl_settings(blind, m, tmp_path / "alpha")
     assert "channel" not in s  # no guest channel in this flavour
     talks = dataclasses.replace(f, machine=dataclasses.replace(f.machine, guest_channel=True))
     assert xl_settings(talks, m, tmp_path / "alpha")["channel"] == [
+        "name=org.xenubuntu.placeholder,connection=pty",  # libxl drops the first (see xl_settings)
         f"name=org.xenubuntu.guest.0,connection=socket,path={tmp_path / 'alpha' / 'guest.sock'}"]
     # xl splits a device's settings at commas, and a unix socket's path has a length limit
     with pytest.raises(HypervisorError, match="run folder"):

@@ -35,7 +35,7 @@ PKGS=(
   xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils
   libxencall1 libxendevicemodel1 libxenevtchn1 libxenforeignmemory1 libxengnttab1
   libxenhypfs1 libxenmisc4.17 libxenstore4 libxentoolcore1 libxentoollog1 libyajl2
-  qemu-system-xen
+  qemu-system-xen qemu-system-data
   "linux-image-$KVER" busybox-static zstd libzstd1
   python3.11-minimal libpython3.11-minimal libpython3.11-stdlib python3-yaml libyaml-0-2
 )
@@ -91,6 +91,7 @@ cp -a "$X"/usr/bin/xenstore* "$X/usr/bin/zstd" "$R/usr/bin/"
 # Xen's device model (QEMU), where libxl looks for it: it serves the PV framebuffer over VNC
 mkdir -p "$R/usr/libexec"
 cp -a "$X/usr/libexec/xen-qemu-system-i386" "$R/usr/libexec/"
+mkdir -p "$R/usr/share/qemu" && cp -a "$X/usr/share/qemu/keymaps" "$R/usr/share/qemu/"  # its VNC server reads one
 cp -a "$X/etc/xen/." "$R/etc/xen/"
 # Python from Debian's packages, in Debian's layout (site.py adds dist-packages)
 cp -a "$X/usr/bin/python3.11" "$R/usr/bin/"

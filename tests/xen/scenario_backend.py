@@ -152,30 +152,39 @@ def _channel():
 @step("display")
 def _display():
     """The PV flavour's screen, through Xen's device model's VNC socket as the chooser sees it:
-    the guest's text console (a counter written to tty1 every second) drawn on its framebuffer;
-    the flavour mastered without a screen has none."""
-    import rfb
+    the guest's text console (a counter written to tty1 every second) drawn on its framebuffer,
+    read by the backend's own picture (an RFB client); the flavour mastered without a screen
+    has none."""
+    from xsession.errors import HypervisorError
+    from xsession.hypervisor import rfb
+    from xsession.screen import read_png
 
     alpha, beta = guests["alpha"], guests["beta"]
     address = alpha.console.get("vnc", "")
-    path = Path(address.removeprefix("unix:"))
     deadline = time.monotonic() + 60
-    while not path.is_socket() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    frame = None
+    picture, lit, error = None, 0, ""
     while time.monotonic() < deadline:
         try:
-            frame = rfb.grab(str(path))
-        except (OSError, rfb.RfbError):
-            frame = None
-        if frame is not None and frame.lit() > 200:
-            break
-        time.sleep(1)
+            picture = read_png(alpha.picture())
+        except HypervisorError as e:
+            picture, error = None, str(e)
+        if picture is not None:
+            pixels = [picture.rgb[i:i + 3] for i in range(0, len(picture.rgb), 3)]
+            lit = sum(1 for px in pixels if px != b"\0\0\0")
+            if lit > 200:
+                break
+        time.sleep(1.1)
+    try:
+        beta.picture()
+        beta_refused = ""
+    except HypervisorError as e:
+        beta_refused = str(e)
+    again = rfb.grab(alpha.display) if alpha.display is not None else None
     dm = subprocess.run(["pgrep", "-af", "xen-qemu-system-i386"], capture_output=True, text=True).stdout
-    return {"ok": frame is not None and frame.lit() > 200 and "vnc" not in beta.console,
-            "address": address, "size": [frame.width, frame.height] if frame else None,
-            "colours": frame.colours() if frame else 0, "lit": frame.lit() if frame else 0,
-            "name": frame.name if frame else "", "beta_console": beta.console, "device_models": dm.strip()}
+    return {"ok": picture is not None and lit > 200 and "vnc" not in beta.console and bool(beta_refused),
+            "address": address, "size": [picture.width, picture.height] if picture else None, "lit": lit,
+            "error": error, "beta_console": beta.console, "beta_refused": beta_refused,
+            "grab_size": [again.width, again.height] if again else None, "device_models": dm.strip()}
 
 
 @step("memory")

@@ -14,12 +14,14 @@ from typing import Protocol
 
 from ..manifest import Flavour, Manifest
 
-__all__ = ["Progress", "ExitCallback", "Guest", "Backend", "HostMemory"]
+__all__ = ["Progress", "ExitCallback", "Guest", "Backend", "HostMemory", "PICTURE_INTERVAL_S"]
 
 #: called with (bytes done, bytes total) while a statefile is fed
 Progress = Callable[[int, int], None]
 #: called once, from any thread, when a guest ends without being asked to: the reason
 ExitCallback = Callable[[str], None]
+#: a front-end's live picture of a guest is taken anew at most this often
+PICTURE_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)

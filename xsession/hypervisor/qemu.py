@@ -47,7 +47,7 @@ from .qga import PORT_NAME as AGENT_PORT
 from .qga import AgentError, GuestAgent
 from ..screen import Picture, colours, digest, read_ppm, settled, thumbnail, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
-from .base import ExitCallback, HostMemory, Progress
+from .base import PICTURE_INTERVAL_S, ExitCallback, HostMemory, Progress
 from .bootstub import boot_files_for_restore
 from .console import wait_for_text
 from .qmp import QMP
@@ -86,8 +86,6 @@ PAINTED_COLOURS = 16
 SETTLE_SAMPLE_S = 0.5
 #: at mastering, how long a desktop that said it is ready may take to paint itself
 SETTLE_AFTER_READY_S = 120.0
-#: a front-end's live picture is taken anew at most this often
-PICTURE_INTERVAL_S = 1.0
 
 
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,

@@ -46,12 +46,13 @@ from pathlib import Path
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
+from ..screen import Picture, thumbnail, to_png
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe, zstd_checks_suffice
-from . import xl
+from . import rfb, xl
 from .xenctl import Unavailable, XenControl
 from .console import wait_for_text
-from .base import ExitCallback, HostMemory, Progress
+from .base import PICTURE_INTERVAL_S, ExitCallback, HostMemory, Progress
 
 __all__ = ["XenBackend", "XenGuest", "xl_settings", "CONSOLE_LOG_DIR", "console_log_dir_from_config"]
 
@@ -96,6 +97,7 @@ DISPLAY_SOCKET = "vnc.sock"
 #: the guest channel: a PV channel (a second PV console in the guest, named
 #: ``org.xenubuntu.guest.0``) that Xen's device model serves on this socket, as QEMU's
 CHANNEL_SOCKET = "guest.sock"
+CHANNEL_PLACEHOLDER = "org.xenubuntu.placeholder"
 
 
 def display_socket(flavour: Flavour, rundir: Path) -> Path | None:
@@ -146,9 +148,13 @@ def xl_settings(flavour: Flavour, manifest: Manifest, rundir: Path | None = None
                               f"the run folder {rundir} has a comma or is too long for its sockets")
     sock = display_socket(flavour, rundir)
     if sock is not None:
-        settings["vfb"] = [f"vnc=1,vnclisten=unix:{sock}"]
+        settings["vfb"] = [f"vnc=1,vncunused=0,vnclisten=unix:{sock}"]  # no port range: a socket
     if m.guest_channel:
-        settings["channel"] = [f"name={CHANNEL_PORT},connection=socket,path={rundir / CHANNEL_SOCKET}"]
+        # xl numbers channels from 0, and libxl refuses a channel numbered 0 (the primary
+        # console's number) without a word but a log line: a placeholder takes that number
+        # and is dropped, so ours is console 1, the guest's /dev/hvc1 (Xen 4.17, as tested)
+        settings["channel"] = [f"name={CHANNEL_PLACEHOLDER},connection=pty",
+                               f"name={CHANNEL_PORT},connection=socket,path={rundir / CHANNEL_SOCKET}"]
     return settings
 
 
@@ -169,6 +175,7 @@ class XenGuest:
         self.display = display
         #: the guest channel's reader, for flavours that have one
         self.channel: ChannelReader | None = None
+        self._last_screen: tuple[float, Picture | None] = (0.0, None)
         #: console bytes before this guest's life (the log is shared by all domains of the name)
         self.console_start = _size(console_log)
         self._xl = xl_path
@@ -321,6 +328,24 @@ class XenGuest:
                 if self._exit_reason is None:
                     self._exit_reason = "stopped by the session manager"
             self._end_console()
+
+    def picture(self, max_width: int = 0) -> bytes:
+        """The screen now as a PNG, at most ``max_width`` wide (0: full size), read from its
+        VNC socket; a new one at most once a second, as QEMU's.
+
+        :raises HypervisorError: the domain has no screen, or its device model did not give one.
+        """
+        if self.display is None:
+            raise HypervisorError(f"picture of {self.name}", "the domain has no screen")
+        now = time.monotonic()
+        taken, picture = self._last_screen
+        if picture is None or now - taken >= PICTURE_INTERVAL_S:
+            try:
+                picture = rfb.grab(self.display)
+            except (OSError, rfb.RfbError) as e:
+                raise HypervisorError(f"picture of {self.name}", f"its screen at {self.display}: {e}") from e
+            self._last_screen = (now, picture)
+        return to_png(thumbnail(picture, max_width) if max_width else picture)
 
     def attach_channel(self, flavour: str) -> None:
         """Read the guest channel (its socket is the device model's); idempotent."""
