@@ -180,11 +180,19 @@ def _display():
     except HypervisorError as e:
         beta_refused = str(e)
     again = rfb.grab(alpha.display) if alpha.display is not None else None
-    dm = subprocess.run(["pgrep", "-af", "xen-qemu-system-i386"], capture_output=True, text=True).stdout
+    # what Xen's device model costs dom0: the resident memory of each one running
+    dm = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if "xen-qemu-system-i386" in (proc / "cmdline").read_text(errors="replace"):
+                rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
+                dm[proc.name] = int(rss.split()[1]) // 1024
+        except (OSError, StopIteration):
+            continue
     return {"ok": picture is not None and lit > 200 and "vnc" not in beta.console and bool(beta_refused),
             "address": address, "size": [picture.width, picture.height] if picture else None, "lit": lit,
             "error": error, "beta_console": beta.console, "beta_refused": beta_refused,
-            "grab_size": [again.width, again.height] if again else None, "device_models": dm.strip()}
+            "grab_size": [again.width, again.height] if again else None, "device_models_rss_mib": dm}
 
 
 @step("memory")
