@@ -22,6 +22,7 @@ from xsession.bootopts import BootOptions, RestorePolicy  # noqa: E402
 from xsession.hardware import parse_meminfo  # noqa: E402
 from xsession.hypervisor.base import HostMemory  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend  # noqa: E402
+from xsession.hypervisor.xen import DEVICE_MODEL_MIB  # noqa: E402
 from xsession.manifest import ColdBoot, Flavour, MachineConfig  # noqa: E402
 from xsession.memory import Plan, compute_reserve, explain, plan  # noqa: E402
 
@@ -87,6 +88,9 @@ def main() -> int:
         f"{compute_reserve(2048)} on 2 GiB, {compute_reserve(8192)} on 8 GiB, "
         f"{compute_reserve(32768)} on 32 GiB.",
         "Then `available = total - reserve - running - sum(need of what is restored now)`.",
+        "Under Xen, a session with a screen or a guest channel has Xen's device model in",
+        f"dom0: its {DEVICE_MODEL_MIB} MiB are part of the overhead, and dom0 keeps them when it balloons",
+        "down for a restore (its target is its reserve plus the device models it runs).",
         "",
         "- `lazy` (the default): the default flavour now; the others later, in the",
         "  background while they fit, else on request (maybe after stopping another).",

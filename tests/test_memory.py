@@ -193,6 +193,50 @@ def test_xen_balloons_dom0_only_as_far_as_needed(args: dict) -> None:
     assert plan(**{**args, "backend": "qemu"}).balloon_target_mib is None
 
 
+@settings(max_examples=300, deadline=None)
+@given(inputs(), st.data())
+def test_xen_dom0_keeps_its_reserve_and_the_sessions_device_models_when_it_balloons(
+        args: dict, data: st.DataObject) -> None:
+    """Part of each flavour's overhead lives in dom0 (Xen's device model): the hypervisor's
+    free memory must cover only the rest, and dom0 balloons down no further than its
+    reserve plus the device models of the running sessions and of those restored now."""
+    overhead = args["overhead"]
+    names = [f.name for f in args["flavours"]]
+    whole = {n: overhead if isinstance(overhead, int) else overhead.get(n, 0) for n in names}
+    parts = {n: data.draw(st.integers(0, whole[n])) for n in names}
+    p = plan(**{**args, "backend": "xen", "in_dom0": parts})
+    host = args["memory"]
+    running = dict(p.running)
+    running_parts = sum(parts[n] for n in running)
+    now_parts = sum(parts[n] for n in p.now)
+    from_hypervisor = p.now_mib - now_parts
+    assert dict(p.in_dom0) == parts
+    # what the planner decides is the same with or without the split: only dom0's target moves
+    assert [d.verdict for d in p.decisions] == [d.verdict for d in plan(**{**args, "backend": "xen"}).decisions]
+    if p.balloon_target_mib is None:
+        assert from_hypervisor <= host.free_mib
+    else:
+        dom0_now = host.total_mib - host.free_mib - (p.running_mib - running_parts)
+        assert host.free_mib + (dom0_now - p.balloon_target_mib) == from_hypervisor
+        assert p.balloon_target_mib >= p.reserve_mib + running_parts + now_parts
+        assert p.balloon_target_mib == p.dom0_target(p.now)
+
+
+def test_a_xen_session_with_a_device_model_leaves_it_in_dom0() -> None:
+    from xsession.memory import balloon_target_for
+    host = HostMemory(total_mib=8192, free_mib=200)  # dom0 holds nearly everything, as Xen starts it
+    targets: list[int] = []
+    overhead, in_dom0 = {"kubuntu": 34, "server": 2}, {"kubuntu": 32, "server": 0}
+    check = fit_check(lambda: host, DEMO, BootOptions(restore=RestorePolicy.OFF), overhead, "xen",
+                      balloon=targets.append, in_dom0=in_dom0)
+    check(DEMO[0], {})
+    # kubuntu takes its RAM and Xen's 2 MiB from the hypervisor; its device model stays in dom0
+    assert targets == [8192 - (256 + 2)]
+    p = plan(host, DEMO, BootOptions(restore=RestorePolicy.OFF), {"server": 194}, overhead, "xen", in_dom0=in_dom0)
+    assert balloon_target_for(p, "kubuntu") == 8192 - 194 - (256 + 2)
+    assert "in dom0 (device models, part of the overhead): kubuntu 32 MiB" in explain(p)
+
+
 # --- examples ----------------------------------------------------------------------
 
 def test_demo_on_a_2gib_laptop_lazy() -> None:

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent / "xen"))
 from run_scenario import ScenarioRun, run_scenario  # noqa: E402
 
 SCENARIO = Path(__file__).parent / "xen" / "scenario_backend.py"
+from xsession.hypervisor.xen import DEVICE_MODEL_MIB  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,8 @@ def test_a_pv_flavour_shows_its_screen_over_vnc_after_a_restore(run):
     r = result(run, "display")
     assert r["address"].startswith("unix:") and r["address"].endswith("/alpha/vnc.sock"), r
     assert r["lit"] > 200 and r["size"] == r["grab_size"], r
+    # what the planner counts for it in dom0 covers what it holds there
+    assert r["device_models_rss_mib"] and all(0 < v <= DEVICE_MODEL_MIB for v in r["device_models_rss_mib"].values())
     assert "vnc" not in r["beta_console"] and "no screen" in r["beta_refused"], r
 
 

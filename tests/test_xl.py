@@ -144,9 +144,14 @@ def test_a_flavours_screen_and_channel_are_served_on_its_run_folders_sockets(tmp
 
 def test_overhead():
     backend = XenBackend(console_log_dir=None)
-    assert backend.overhead_mib(_flavour("pv")[0]) == 2
+    # with a screen (vga "std"): Xen's device model in dom0 comes on top, and stays in dom0
+    assert backend.overhead_mib(_flavour("pv")[0]) == 2 + 32 and backend.in_dom0_mib(_flavour("pv")[0]) == 32
+    blind = dataclasses.replace(_flavour("pv")[0], machine=dataclasses.replace(_flavour("pv")[0].machine, vga="none"))
+    assert backend.overhead_mib(blind) == 2 and backend.in_dom0_mib(blind) == 0
+    talks = dataclasses.replace(blind, machine=dataclasses.replace(blind.machine, guest_channel=True))
+    assert backend.in_dom0_mib(talks) == 32
     # HAP pool: 4 KiB x (256 x 2 vCPUs + 2 x 96 MiB) = 2816 KiB -> 3 MiB
-    assert backend.overhead_mib(_flavour("pvh")[0]) == 5
+    assert backend.overhead_mib(_flavour("pvh")[0]) == 5 + 32
 
 
 def test_console_log_dir_follows_xenconsoled_trace(tmp_path, monkeypatch):

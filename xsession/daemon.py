@@ -152,7 +152,8 @@ class Daemon:
         # the engine reconciled the options with the medium: plan with its flavours and options
         engine.fit_check = memory.fit_check(self.backend.host_memory, engine.flavours, engine.options,
                                             overhead=self.backend.overhead_mib, backend=self.backend.name,
-                                            balloon=getattr(self.backend, "balloon_dom0", None))
+                                            balloon=getattr(self.backend, "balloon_dom0", None),
+                                            in_dom0=self.backend.in_dom0_mib)
         self.engine = engine
         self.sharing = sharing.decide(engine.options.share, self.backend.name, self._ksm.available())
 
@@ -282,7 +283,8 @@ class Daemon:
                 shared = self._ksm.stats().saved_mib if self.sharing.enabled else 0
                 mem = memory.plan(self.backend.host_memory(), engine.flavours, engine.options,
                                   engine.running_memory(), overhead=self.backend.overhead_mib,
-                                  backend=self.backend.name, shared_mib=shared).as_dict()
+                                  backend=self.backend.name, shared_mib=shared,
+                                  in_dom0=self.backend.in_dom0_mib).as_dict()
                 mem["sharing"] = ("on: " if self.sharing.enabled else "off: ") + self.sharing.reason
             except (ValueError, XSessionError) as e:
                 mem = {"error": str(e)}

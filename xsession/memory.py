@@ -164,6 +164,23 @@ class Plan:
     #: memory the host has merged between the sessions' pages (KSM), as measured: shown,
     #: never counted in ``available_mib``, since any write to a merged page un-merges it
     shared_mib: int = 0
+    #: on Xen, the part of each flavour's overhead that lives in dom0 (Xen's device model
+    #: for its screen and channel), by name: dom0 keeps it when it balloons down
+    in_dom0: tuple[tuple[str, int], ...] = field(default=())
+
+    def in_dom0_mib(self, names: Iterable[str]) -> int:
+        """What the named sessions hold in dom0's own memory (their device models)."""
+        parts = dict(self.in_dom0)
+        return sum(parts.get(n, 0) for n in names)
+
+    def dom0_target(self, now: Iterable[str]) -> int:
+        """dom0's balloon target once the ``now`` sessions run beside the running ones:
+        total - what those sessions take from the hypervisor (their need, less what of it
+        lives in dom0), so that dom0 keeps its reserve and the sessions' device models."""
+        now = list(now)
+        running = [n for n, _ in self.running]
+        needs = sum(self.decision(n).need_mib for n in now)
+        return self.total_mib - (self.running_mib - self.in_dom0_mib(running)) - (needs - self.in_dom0_mib(now))
 
     @property
     def running_mib(self) -> int:
@@ -287,6 +304,7 @@ def plan(
     overhead: Overhead = 0,
     backend: str = "qemu",
     shared_mib: int = 0,
+    in_dom0: Overhead = 0,
 ) -> Plan:
     """Decide what to restore now, later and never.
 
@@ -301,6 +319,8 @@ def plan(
         (``Backend.overhead_mib``), a figure, or figures by name.
     :param backend: ``qemu`` or ``xen``; only Xen gets a dom0 balloon target.
     :param shared_mib: what the host has merged between sessions (measured); reported only.
+    :param in_dom0: on Xen, the part of ``overhead`` that lives in dom0's own memory (Xen's
+        device model: ``Backend.in_dom0_mib``); dom0 keeps it when it balloons down.
     :raises ValueError: an unknown backend, a negative size, or two flavours with one name.
     """
     if backend not in BACKENDS:
@@ -388,14 +408,19 @@ def plan(
         if is_default and verdict is Verdict.NEVER and options.restore is RestorePolicy.LAZY:
             stand_in = True
 
+    parts = tuple((f.name, _overhead_of(in_dom0, f)) for f in ordered)
+    now_names = [d.name for d in decisions if d.verdict is Verdict.NOW]
     now_mib = sum(d.need_mib for d in decisions if d.verdict is Verdict.NOW)
+    from_hypervisor = now_mib - sum(m for n, m in parts if n in now_names)
     balloon = None
-    if backend == "xen" and now_mib > host.free_mib:
-        # dom0 holds total - free - running; it must shrink by (now - free). That
-        # leaves dom0 total - running - now, which is >= reserve since now <= free.
-        balloon = host.total_mib - running_mib - now_mib
+    if backend == "xen" and from_hypervisor > host.free_mib:
+        # dom0 holds total - free - (what the running sessions took from the hypervisor); it
+        # must shrink by (that of the new ones - free), keeping its reserve and every
+        # session's device model: total - running - now + their parts in dom0 >= reserve
+        running_parts = sum(m for n, m in parts if n in running)
+        balloon = host.total_mib - (running_mib - running_parts) - from_hypervisor
         notes.append(f"dom0 balloons down to {balloon} MiB: the hypervisor has {host.free_mib} MiB free "
-                     f"and the sessions to restore now need {now_mib} MiB")
+                     f"and the sessions to restore now need {from_hypervisor} MiB of it")
     return Plan(
         backend=backend,
         policy=options.restore,
@@ -410,6 +435,7 @@ def plan(
         notes=tuple(notes),
         priorities=tuple((f.name, f.priority) for f in ordered),
         shared_mib=max(0, shared_mib),
+        in_dom0=parts,
     )
 
 
@@ -452,15 +478,15 @@ def balloon_target_for(plan: Plan, name: str) -> int | None:
     """On Xen, dom0's new target so that ``name`` can be restored now; None if the
     hypervisor already has the room (or on QEMU, where dom0 is the host itself).
 
-    dom0 holds total - free - running; it gives up (need - free), leaving
-    total - running - need, which the plan keeps at or above the reserve.
+    dom0 gives up what the hypervisor lacks, keeping its reserve and the device models
+    of the running sessions and of this one (:meth:`Plan.dom0_target`).
     """
     if plan.backend != "xen":
         return None
-    need = plan.decision(name).need_mib
+    need = plan.decision(name).need_mib - plan.in_dom0_mib([name])
     if need <= plan.host_free_mib:
         return None
-    return plan.total_mib - plan.running_mib - need
+    return plan.dom0_target([name])
 
 
 def fit_check(
@@ -470,6 +496,7 @@ def fit_check(
     overhead: Overhead = 0,
     backend: str = "qemu",
     balloon: Callable[[int], None] | None = None,
+    in_dom0: Overhead = 0,
 ) -> Callable[[FlavourLike, Mapping[str, int]], None]:
     """The engine's ``fit_check(flavour, running)`` hook, backed by the planner.
 
@@ -482,7 +509,7 @@ def fit_check(
     :raises NotEnoughMemory: (from the returned function) the flavour does not fit now.
     """
     def check(flavour: FlavourLike, running: Mapping[str, int]) -> None:
-        p = plan(memory(), flavours, options, running, overhead, backend)
+        p = plan(memory(), flavours, options, running, overhead, backend, in_dom0=in_dom0)
         check_request(p, flavour.name)
         if balloon is not None:
             target = balloon_target_for(p, flavour.name)
@@ -520,6 +547,10 @@ def explain(plan: Plan) -> str:
     if plan.balloon_target_mib is not None:
         lines.append(f"dom0 balloon target {plan.balloon_target_mib} MiB "
                      f"(hypervisor free {plan.host_free_mib} MiB)")
+    held = [(n, m) for n, m in plan.in_dom0 if m]
+    if held and plan.backend == "xen":
+        lines.append("in dom0 (device models, part of the overhead): "
+                     + ", ".join(f"{n} {m} MiB" for n, m in held))
     if plan.shared_mib:
         lines.append(f"shared {plan.shared_mib} MiB: pages the host merged between sessions (measured; not "
                      f"counted as available, a write un-merges a page)")

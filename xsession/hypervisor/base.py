@@ -98,3 +98,8 @@ class Backend(Protocol):
     def overhead_mib(self, flavour: Flavour) -> int:
         """Memory the hypervisor needs per guest beyond the guest's own RAM."""
         ...
+
+    def in_dom0_mib(self, flavour: Flavour) -> int:
+        """The part of :meth:`overhead_mib` that lives in dom0's own memory (Xen's device
+        model); dom0 keeps it when it balloons down. 0 where dom0 is the host itself."""
+        ...

@@ -490,6 +490,10 @@ class QemuBackend:
         extra = TCG_TB_MIB if flavour.machine.accel == "tcg" else 0
         return QEMU_OVERHEAD_MIB + extra
 
+    def in_dom0_mib(self, flavour: Flavour) -> int:
+        """0: QEMU's sessions run on the host itself, which no balloon shrinks."""
+        return 0
+
     # -- launching ---------------------------------------------------------------
     def _prepare(self, flavour: Flavour, manifest: Manifest, rundir: Path,
                  cold: bool = False) -> tuple[Path | None, Path | None]:

@@ -65,6 +65,9 @@ RESTORE_BASE_TIMEOUT_S = 60.0
 RESTORE_BYTES_PER_S = 8 * 1024 * 1024  # pessimistic: a DVD under an emulated CPU
 #: Xen's bookkeeping per domain beyond its RAM (struct domain, vCPU pages, xenstore and console rings)
 DOMAIN_BASE_OVERHEAD_MIB = 2
+#: Xen's device model (QEMU in dom0) of a domain with a screen or a channel: 24 MiB resident
+#: measured in the test host's dom0 (tests/xen: the "display" step), rounded up
+DEVICE_MODEL_MIB = 32
 #: how often the watcher asks xl whether a domain is still there
 POLL_S = 1.0
 
@@ -393,11 +396,18 @@ class XenBackend:
 
         PVH runs on hardware-assisted paging, whose pool libxl sizes as
         4 KiB x (256 per vCPU + 2 per MiB of RAM); PV domains need none. Both
-        get :data:`DOMAIN_BASE_OVERHEAD_MIB` for the hypervisor's own structures.
+        get :data:`DOMAIN_BASE_OVERHEAD_MIB` for the hypervisor's own structures,
+        and a domain with a screen or a channel its device model in dom0
+        (:meth:`in_dom0_mib`).
         """
         m = flavour.machine
         paging_kib = 4 * (256 * m.vcpus + 2 * m.memory_mib) if m.machine_type != "pv" else 0
-        return DOMAIN_BASE_OVERHEAD_MIB + -(-paging_kib // 1024)
+        return DOMAIN_BASE_OVERHEAD_MIB + -(-paging_kib // 1024) + self.in_dom0_mib(flavour)
+
+    def in_dom0_mib(self, flavour: Flavour) -> int:
+        """Xen's device model, in dom0, for a domain with a screen or a guest channel."""
+        m = flavour.machine
+        return DEVICE_MODEL_MIB if m.vga != "none" or m.guest_channel else 0
 
     def balloon_dom0(self, target_mib: int) -> None:
         """Set dom0's balloon target (``xl mem-set 0``) when the planner gives memory to sessions.
