@@ -355,7 +355,7 @@ def test_plain_restore_off_entry_from_bios_restores_nothing_warns_then_restores_
         state, t_running = _wait_state(m, "kubuntu", "running")
         reason = _prop(m, f"{MANAGER}/session/kubuntu", "Session", "StateReason")
         assert "restored" in reason, reason
-        assert m.shell("pgrep -c qemu-system || true").strip() == "1"
+        assert int(m.shell("pgrep -c qemu-system || true").strip() or 0) >= 1
         for f in ("ubuntu", "xubuntu", "server"):
             assert '"available"' in _prop(m, f"{MANAGER}/session/{f}", "Session", "State"), f
         stages = _stages(m, "kubuntu", t_running)
