@@ -337,7 +337,7 @@ def test_plain_restore_off_entry_from_bios_restores_nothing_warns_then_restores_
         # the generator left the service out: nothing runs until a client calls
         m.shell("systemctl is-system-running --wait")
         assert m.shell("systemctl is-active xsessiond").strip() == "inactive"
-        assert m.shell("pgrep -c qemu-system || true").strip() == "0"
+        assert m.shell("pgrep -fc qemu-system-x86_64 || true").strip() == "0"
         # the first call starts it (D-Bus activation; the chooser on the screen may be first);
         # the bad option is a warning and it restores nothing
         warnings = _first_call(m, MANAGER, "Manager", "Warnings")
@@ -347,7 +347,7 @@ def test_plain_restore_off_entry_from_bios_restores_nothing_warns_then_restores_
         time.sleep(5)
         for f in ("kubuntu", "ubuntu", "xubuntu", "server"):
             assert '"available"' in _prop(m, f"{MANAGER}/session/{f}", "Session", "State"), f
-        assert m.shell("pgrep -c qemu-system || true").strip() == "0"
+        assert m.shell("pgrep -fc qemu-system-x86_64 || true").strip() == "0"
         # asked, it restores the flavour from its statefile on the DVD, not a cold boot
         t_asked = time.monotonic() - m.t0
         out = m.shell(f"busctl call {BUS} {MANAGER} {BUS}.Manager Activate 'sa{{sv}}' kubuntu 0")
@@ -355,7 +355,7 @@ def test_plain_restore_off_entry_from_bios_restores_nothing_warns_then_restores_
         state, t_running = _wait_state(m, "kubuntu", "running")
         reason = _prop(m, f"{MANAGER}/session/kubuntu", "Session", "StateReason")
         assert "restored" in reason, reason
-        assert int(m.shell("pgrep -c qemu-system || true").strip() or 0) >= 1
+        assert int(m.shell("pgrep -fc qemu-system-x86_64 || true").strip() or 0) >= 1
         for f in ("ubuntu", "xubuntu", "server"):
             assert '"available"' in _prop(m, f"{MANAGER}/session/{f}", "Session", "State"), f
         stages = _stages(m, "kubuntu", t_running)
