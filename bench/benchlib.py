@@ -32,3 +32,11 @@ def cold_boot(flavour, manifest, rundir: Path) -> float:  # type: ignore[no-unty
 def record(title: str, table: str) -> None:
     with open(REPO / "bench" / "RESULTS.md", "a") as out:
         out.write(f"\n## {title} ({time.strftime('%Y-%m-%d')})\n\n{table}\n")
+
+
+def publish(title: str, lines: list[str], keep: bool) -> None:
+    """Print a benchmark's table; with ``keep`` (``--record``) append it to bench/RESULTS.md too."""
+    table = "\n".join(lines)
+    print("\n" + table)
+    if keep:
+        record(title, table)

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.benchlib import cold_boot, machine, record  # noqa: E402
+from bench.benchlib import cold_boot, machine, publish  # noqa: E402
 from xsession.demomedia import ensure_desktop_medium  # noqa: E402
 from xsession.guestchannel import ChannelReader  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest, qemu_argv  # noqa: E402
@@ -125,10 +125,7 @@ def main() -> int:
             f"| {m['raw']:.2f} / {m['raw_hb']:.2f} s | {m['manager']:.2f} / {m['manager_hb']:.2f} s "
             f"| 1/{m['cold'] / m['manager_hb']:.0f} | {m['manager'] / m['raw']:.2f}x "
             f"| {m['manager_hb'] / m['raw_hb']:.2f}x |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.record:
-        record("Real flavours: cold boot and restore", table)
+    publish("Real flavours: cold boot and restore", lines, args.record)
     return 0
 
 

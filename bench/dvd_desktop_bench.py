@@ -43,7 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.benchlib import machine, record  # noqa: E402
+from bench.benchlib import machine, publish  # noqa: E402
 from bench.mediumsim import PROFILES, Stats, make_image, slow_medium  # noqa: E402
 from xsession.demomedia import ensure_desktop_medium  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest  # noqa: E402
@@ -233,10 +233,7 @@ def main() -> int:
         ratio = f"{answered / limit:.2f}x" if limit > 0 else "-"
         lines.append(f"| {name} | {what} | {running:.2f} s | {answered:.2f} s | {st.medium_bytes / 1e6:.1f} MB "
                      f"| {st.seeks} | {st.model_s:.2f} s | {limit:.2f} s | {ratio} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.record:
-        record("The default desktop from a DVD", table)
+    publish("The default desktop from a DVD", lines, args.record)
     return 0
 
 

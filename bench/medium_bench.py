@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.benchlib import publish  # noqa: E402
 from bench.mediumsim import PROFILES, Stats, make_image, slow_medium  # noqa: E402
 from xsession.demomedia import ensure_demo_medium  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend  # noqa: E402
@@ -146,11 +147,7 @@ def main() -> int:
         model = f"{dt / st.model_s:.3f}" if st.model_s > 0 else "-"
         lines.append(f"| {name} | {what} | {dt:.3f} s | {st.bytes / 1e6:.1f} MB | {st.medium_bytes / 1e6:.1f} MB "
                      f"| {st.seeks} | {st.model_s:.3f} s | {model} | {limit:.3f} s | {ratio} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.record:
-        with open(REPO / "bench" / "RESULTS.md", "a") as out:
-            out.write(f"\n## Slow media ({time.strftime('%Y-%m-%d')})\n\n{table}\n")
+    publish("Slow media", lines, args.record)
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.benchlib import cold_boot  # noqa: E402
+from bench.benchlib import cold_boot, publish  # noqa: E402
 from tests.guestlib import ask  # noqa: E402
 from xsession.demomedia import CACHE, DEMO  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest, qemu_argv  # noqa: E402
@@ -133,11 +133,7 @@ def main() -> int:
             f"| {SIZES[name]} MiB | {m['cold']:.2f} s | {m['raw']:.3f} s | {m['manager']:.3f} s "
             f"| {m['raw_answer']:.3f} s | {m['manager_answer']:.3f} s | 1/{m['cold'] / m['manager']:.0f} "
             f"| {m['manager'] / m['raw']:.2f}x | {m['manager_answer'] / m['raw_answer']:.2f}x |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.record:
-        with open(REPO / "bench" / "RESULTS.md", "a") as out:
-            out.write(f"\n## QEMU restore ({time.strftime('%Y-%m-%d')})\n\n{table}\n")
+    publish("QEMU restore", lines, args.record)
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.benchlib import machine, record  # noqa: E402
+from bench.benchlib import machine, publish  # noqa: E402
 from xsession.demomedia import ensure_desktop_medium  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest  # noqa: E402
 from xsession.manifest import MANIFEST_RELPATH, load_manifest  # noqa: E402
@@ -139,10 +139,7 @@ def main() -> int:
         f"{stats.zero_pages} ({stats.saved_mib} MiB saved) | - |",
         "| merged per guest | - | " + ", ".join(f"{n} {b / MiB:.0f} MiB" for n, b in merged.items()) + " | - |",
     ]
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.record:
-        record("Memory shared between flavours", table)
+    publish("Memory shared between flavours", lines, args.record)
     return 0
 
 

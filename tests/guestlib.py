@@ -27,12 +27,13 @@ def qemu_pids_under(folder: Path) -> list[int]:
     return pids
 
 
-def ask(serial_sock: str, line: str, expect: bytes = b"PONG", timeout: float = 15.0) -> str:
-    """Write a line on the guest's serial console and return what it answered."""
+def converse(serial_sock: str | Path, line: str, answered, timeout: float, what: str):
+    """Write a line on a guest's serial console, then read its complete lines until
+    ``answered(lines)`` gives something other than None; that is returned."""
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
-        s.connect(serial_sock)
+        s.connect(str(serial_sock))
         s.sendall(line.encode() + b"\n")
         buf = b""
         while time.monotonic() < deadline:
@@ -40,10 +41,16 @@ def ask(serial_sock: str, line: str, expect: bytes = b"PONG", timeout: float = 1
             if not chunk:
                 break
             buf += chunk
-            for ln in buf.split(b"\n")[:-1]:  # complete lines only
-                if ln.startswith(expect):
-                    return ln.decode(errors="replace").strip()
-    raise TimeoutError(f"no {expect!r} from {serial_sock} within {timeout} s; got {buf[-300:]!r}")
+            result = answered(buf.split(b"\n")[:-1])  # complete lines only
+            if result is not None:
+                return result
+    raise TimeoutError(f"no {what} from {serial_sock} within {timeout} s; got {buf[-300:]!r}")
+
+
+def ask(serial_sock: str, line: str, expect: bytes = b"PONG", timeout: float = 15.0) -> str:
+    """Write a line on the guest's serial console and return what it answered."""
+    return converse(serial_sock, line, lambda lines: next(
+        (ln.decode(errors="replace").strip() for ln in lines if ln.startswith(expect)), None), timeout, repr(expect))
 
 
 def read_log(path: str | Path) -> bytes:

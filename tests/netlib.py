@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
+
+from .guestlib import converse
 
 PREFIX = "xstnet-"
 
@@ -89,21 +89,13 @@ def link_outside(inside: Netns, outside: Netns) -> None:
 
 def guest_sh(serial_sock: Path | str, command: str, timeout: float = 30.0) -> list[str]:
     """Run a shell command in a demo guest over its serial console; its output lines."""
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(serial_sock))
-        s.sendall(f"sh:{command}\n".encode())
-        buf = b""
-        while time.monotonic() < deadline:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-            lines = [ln.decode(errors="replace").strip() for ln in buf.split(b"\n")[:-1]]
-            if any(ln.startswith("PONG sh") for ln in lines):
-                return [ln[4:] for ln in lines if ln.startswith("OUT ")]
-    raise TimeoutError(f"no answer to {command!r} within {timeout} s; got {buf[-300:]!r}")
+    def answered(raw: list[bytes]) -> list[str] | None:
+        lines = [ln.decode(errors="replace").strip() for ln in raw]
+        if any(ln.startswith("PONG sh") for ln in lines):
+            return [ln[4:] for ln in lines if ln.startswith("OUT ")]
+        return None
+
+    return converse(serial_sock, f"sh:{command}", answered, timeout, f"answer to {command!r}")
 
 
 def reaches(serial_sock: Path | str, address: str) -> bool:

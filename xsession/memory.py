@@ -39,6 +39,7 @@ the person gets a session rather than none; a note says so.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -409,19 +410,7 @@ def plan(
             stand_in = True
 
     parts = tuple((f.name, _overhead_of(in_dom0, f)) for f in ordered)
-    now_names = [d.name for d in decisions if d.verdict is Verdict.NOW]
-    now_mib = sum(d.need_mib for d in decisions if d.verdict is Verdict.NOW)
-    from_hypervisor = now_mib - sum(m for n, m in parts if n in now_names)
-    balloon = None
-    if backend == "xen" and from_hypervisor > host.free_mib:
-        # dom0 holds total - free - (what the running sessions took from the hypervisor); it
-        # must shrink by (that of the new ones - free), keeping its reserve and every
-        # session's device model: total - running - now + their parts in dom0 >= reserve
-        running_parts = sum(m for n, m in parts if n in running)
-        balloon = host.total_mib - (running_mib - running_parts) - from_hypervisor
-        notes.append(f"dom0 balloons down to {balloon} MiB: the hypervisor has {host.free_mib} MiB free "
-                     f"and the sessions to restore now need {from_hypervisor} MiB of it")
-    return Plan(
+    result = Plan(
         backend=backend,
         policy=options.restore,
         default=default,
@@ -431,12 +420,19 @@ def plan(
         reserve_source=source,
         running=running_items,
         decisions=tuple(decisions),
-        balloon_target_mib=balloon,
         notes=tuple(notes),
         priorities=tuple((f.name, f.priority) for f in ordered),
         shared_mib=max(0, shared_mib),
         in_dom0=parts,
     )
+    # what the sessions restored now take from the hypervisor (their need less their part in dom0)
+    from_hypervisor = result.now_mib - result.in_dom0_mib(result.now)
+    if backend != "xen" or from_hypervisor <= host.free_mib:
+        return result
+    balloon = result.dom0_target(result.now)
+    return dataclasses.replace(result, balloon_target_mib=balloon, notes=result.notes + (
+        f"dom0 balloons down to {balloon} MiB: the hypervisor has {host.free_mib} MiB free "
+        f"and the sessions to restore now need {from_hypervisor} MiB of it",))
 
 
 def check_request(plan: Plan, name: str) -> None:

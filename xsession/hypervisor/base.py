@@ -7,14 +7,16 @@ runs under a watchdog and raises an :mod:`xsession.errors` error on failure.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ..manifest import Flavour, Manifest
+from ..screen import Picture, thumbnail, to_png
 
-__all__ = ["Progress", "ExitCallback", "Guest", "Backend", "HostMemory", "PICTURE_INTERVAL_S"]
+__all__ = ["Progress", "ExitCallback", "Guest", "Backend", "HostMemory", "PICTURE_INTERVAL_S", "ScreenCache"]
 
 #: called with (bytes done, bytes total) while a statefile is fed
 Progress = Callable[[int, int], None]
@@ -22,6 +24,25 @@ Progress = Callable[[int, int], None]
 ExitCallback = Callable[[str], None]
 #: a front-end's live picture of a guest is taken anew at most this often
 PICTURE_INTERVAL_S = 1.0
+
+
+class ScreenCache:
+    """A guest's screen as a PNG for front-ends: taken anew at most every
+    :data:`PICTURE_INTERVAL_S` (they may ask often; taking one costs the guest a frame),
+    one kept whatever widths callers ask for."""
+
+    def __init__(self, take: Callable[[], Picture]):
+        self._take = take
+        self._last: tuple[float, Picture | None] = (0.0, None)
+
+    def png(self, max_width: int = 0) -> bytes:
+        """At most ``max_width`` wide (0: full size). Raises what ``take`` raises."""
+        now = time.monotonic()
+        taken, picture = self._last
+        if picture is None or now - taken >= PICTURE_INTERVAL_S:
+            picture = self._take()
+            self._last = (now, picture)
+        return to_png(thumbnail(picture, max_width) if max_width else picture)
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
 from .qga import PORT_NAME as AGENT_PORT
 from .qga import AgentError, GuestAgent
-from ..screen import Picture, colours, digest, read_ppm, settled, thumbnail, to_png
+from ..screen import Picture, colours, digest, read_ppm, settled, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
-from .base import PICTURE_INTERVAL_S, ExitCallback, HostMemory, Progress
+from .base import ExitCallback, HostMemory, Progress, ScreenCache
 from .bootstub import boot_files_for_restore
 from .console import wait_for_text
 from .qmp import QMP
@@ -226,7 +226,7 @@ class QemuGuest:
         self.channel: ChannelReader | None = None
         #: what happened after a restore that a person should know (the clock, the network)
         self.note = ""
-        self._last_screen: tuple[float, Picture | None] = (0.0, None)
+        self._screen = ScreenCache(self.screendump)
         self._watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
         self._watcher.start()
 
@@ -242,12 +242,7 @@ class QemuGuest:
     def picture(self, max_width: int = 0) -> bytes:
         """The screen now as a PNG, at most ``max_width`` wide (0: full size); a new one at
         most once a second (front-ends may ask often, a screendump costs QEMU a frame)."""
-        now = time.monotonic()
-        taken, picture = self._last_screen  # one kept, whatever widths callers ask for
-        if picture is None or now - taken >= PICTURE_INTERVAL_S:
-            picture = self.screendump()
-            self._last_screen = (now, picture)
-        return to_png(thumbnail(picture, max_width) if max_width else picture)
+        return self._screen.png(max_width)
 
     def screendump(self) -> Picture:
         """The guest's display now. :raises HypervisorError: QEMU could not take it."""

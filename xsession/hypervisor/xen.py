@@ -46,13 +46,13 @@ from pathlib import Path
 from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
 from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
-from ..screen import Picture, thumbnail, to_png
+from ..screen import Picture
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe, zstd_checks_suffice
 from . import rfb, xl
 from .xenctl import Unavailable, XenControl
 from .console import wait_for_text
-from .base import PICTURE_INTERVAL_S, ExitCallback, HostMemory, Progress
+from .base import ExitCallback, HostMemory, Progress, ScreenCache
 
 __all__ = ["XenBackend", "XenGuest", "xl_settings", "CONSOLE_LOG_DIR", "console_log_dir_from_config"]
 
@@ -178,7 +178,7 @@ class XenGuest:
         self.display = display
         #: the guest channel's reader, for flavours that have one
         self.channel: ChannelReader | None = None
-        self._last_screen: tuple[float, Picture | None] = (0.0, None)
+        self._screen = ScreenCache(self._grab)
         #: console bytes before this guest's life (the log is shared by all domains of the name)
         self.console_start = _size(console_log)
         self._xl = xl_path
@@ -338,17 +338,15 @@ class XenGuest:
 
         :raises HypervisorError: the domain has no screen, or its device model did not give one.
         """
+        return self._screen.png(max_width)
+
+    def _grab(self) -> Picture:
         if self.display is None:
             raise HypervisorError(f"picture of {self.name}", "the domain has no screen")
-        now = time.monotonic()
-        taken, picture = self._last_screen
-        if picture is None or now - taken >= PICTURE_INTERVAL_S:
-            try:
-                picture = rfb.grab(self.display)
-            except (OSError, rfb.RfbError) as e:
-                raise HypervisorError(f"picture of {self.name}", f"its screen at {self.display}: {e}") from e
-            self._last_screen = (now, picture)
-        return to_png(thumbnail(picture, max_width) if max_width else picture)
+        try:
+            return rfb.grab(self.display)
+        except (OSError, rfb.RfbError) as e:
+            raise HypervisorError(f"picture of {self.name}", f"its screen at {self.display}: {e}") from e
 
     def attach_channel(self, flavour: str) -> None:
         """Read the guest channel (its socket is the device model's); idempotent."""
