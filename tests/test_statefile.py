@@ -112,6 +112,22 @@ def test_a_reader_that_goes_away_ends_the_feed_without_blaming_the_statefile(tmp
     assert result.sha256 == sf.sha256  # the whole file was still checked
 
 
+def test_a_corrupt_zstd_frame_is_named_even_when_the_reader_refused_the_stream_first(tmp_path):
+    """Garbage that zstd decodes before its checksum can reach the hypervisor, which then
+    gives up (and zstd dies of the closed pipe): the verdict is still the stream's."""
+    path, sf = make_statefile(tmp_path)
+    damage(path, offset=sf.size // 2, count=32)
+    sf = Statefile(sf.path, sf.size, hashlib.sha256(path.read_bytes()).hexdigest(), "zstd", sf.raw_size,
+                   sf.saved_with)
+    r, w = os.pipe()
+    os.close(r)  # the reader refused what it got
+    feeder = Feeder(path, sf, w)
+    feeder.start()
+    result = feeder.result(30)
+    assert result.reader_gone
+    assert result.problem is not None and result.problem.startswith("zstd rejected the stream"), result.problem
+
+
 def _zstd(tmp_path: Path, name: str, *flags: str, stdin: bool = False) -> Path:
     raw = tmp_path / "state.raw"
     raw.write_bytes(PAYLOAD)

@@ -212,9 +212,12 @@ class Feeder(threading.Thread):
             if self._proc.returncode == -signal.SIGPIPE:
                 reader_gone = True  # the hypervisor closed the stream; zstd could not write on
             elif self._proc.returncode != 0:
-                words = err.decode(errors="replace").strip().splitlines()
-                zstd_error = (" ".join(words[-1].split())[:300] if words
-                              else f"it exited with status {self._proc.returncode}")
+                zstd_error = _last_words(err, self._proc.returncode)
+        if (self._proc is not None and reader_gone and zstd_error is None and medium_error is None
+                and not self._cancel.is_set() and done == self.sf.size):
+            # the hypervisor refused the stream before zstd reached its frame checksum: was
+            # the stream itself damaged? (a failure path only; the file was just read whole)
+            zstd_error = _zstd_test(self.path)
         digest = h.hexdigest() if self.verify_sha256 else ""
         # the most telling diagnosis first
         problem: str | None = None
@@ -243,6 +246,23 @@ class Feeder(threading.Thread):
         except subprocess.TimeoutExpired:
             return False
         return status not in (0, -signal.SIGPIPE)
+
+
+def _zstd_test(path: Path) -> str | None:
+    """zstd's own verdict on a whole file (``zstd -t``): None when every frame checks."""
+    try:
+        proc = subprocess.run(["zstd", "-tq", "--no-progress", str(path)], capture_output=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # no verdict: the hypervisor's own words stand
+    if proc.returncode == 0:
+        return None
+    return _last_words(proc.stderr, proc.returncode)
+
+
+def _last_words(stderr: bytes, status: int) -> str:
+    """A tool's last line of complaint, on one line and bounded."""
+    words = stderr.decode(errors="replace").strip().splitlines()
+    return " ".join(words[-1].split())[:300] if words else f"it exited with status {status}"
 
 
 class _MediumError(Exception):
