@@ -5,9 +5,10 @@
 
 SUITE=bookworm
 # Everything a real flavour needs, whatever it is: a kernel for direct boot,
-# systemd with udev, and the QEMU guest agent (clock, drop caches).
+# systemd with udev, the QEMU guest agent (clock, drop caches), and a resolver
+# that asks the DNS server DHCP names (dom0's, which knows NAME.xenubuntu.internal).
 COMMON_PACKAGES="linux-image-amd64 initramfs-tools zstd systemd-sysv udev dbus kmod procps iproute2
-  qemu-guest-agent"
+  qemu-guest-agent systemd-resolved"
 # Under TCG, zeroing every allocated page costs 10-20 s of boot; freed pages are
 # zeroed instead, which also keeps a saved guest's RAM compressible.
 KERNEL_TUNING="init_on_free=1 init_on_alloc=0"
@@ -233,4 +234,113 @@ menuentry "$TITLE (live)" {
 }
 EOG
   grub-mkrescue -o "$1" "$tree" -- -volid "$(echo "$NAME" | tr a-z A-Z)" >>"$BUILD_LOG" 2>&1
+}
+
+# The office (docs/office.md): the server's users, share and calendar, and the
+# desktops set up as one of those users. Demo passwords: each user's own name.
+OFFICE_USERS="alice bob carol"
+OFFICE_SERVER=server.xenubuntu.internal
+
+# A desktop of the office, as office user $1: the shared folder mounted at
+# ~/Office when first used (and again by itself after the server was away), the
+# shared calendar's address, and the office worker in a window of the session.
+office_desktop_configure() {  # $1 = office user
+  local u=$1 home=$ROOT/home/user
+  install -d -m 700 "$ROOT/etc/xenubuntu/office"
+  printf 'username=%s\npassword=%s\n' "$u" "$u" > "$ROOT/etc/xenubuntu/office/share.cred"
+  chmod 600 "$ROOT/etc/xenubuntu/office/share.cred"
+  cat > "$ROOT/etc/systemd/system/home-user-Office.mount" <<EOU
+[Unit]
+Description=The office's shared folder on the server
+[Mount]
+What=//$OFFICE_SERVER/office
+Where=/home/user/Office
+Type=cifs
+Options=credentials=/etc/xenubuntu/office/share.cred,uid=user,gid=user,file_mode=0664,dir_mode=0775,echo_interval=5,nofail
+TimeoutSec=20
+EOU
+  cat > "$ROOT/etc/systemd/system/home-user-Office.automount" <<'EOU'
+[Unit]
+Description=The office's shared folder, mounted when first used
+[Automount]
+Where=/home/user/Office
+[Install]
+WantedBy=remote-fs.target
+EOU
+  in_root systemctl enable home-user-Office.automount >>"$BUILD_LOG" 2>&1
+  mkdir -p "$home/.config/xenubuntu"
+  printf 'OFFICE_USER=%s\nOFFICE_PASSWORD=%s\nSHARE=/home/user/Office\nCALENDAR_URL=http://%s:5232/office/calendar/\n' \
+    "$u" "$u" "$OFFICE_SERVER" > "$home/.config/xenubuntu/office"
+  chmod 700 "$home/.config/xenubuntu"
+  chmod 600 "$home/.config/xenubuntu/office"
+  in_root chown -R user:user /home/user/.config
+  install -m 755 "$DEMO/guest/xenubuntu-office-worker" "$ROOT/usr/local/bin/xenubuntu-office-worker"
+  install -m 644 "$DEMO/guest/xenubuntu-office.desktop" "$ROOT/etc/xdg/autostart/xenubuntu-office.desktop"
+}
+
+# The office's server: a Samba share "office" writable by the office group, and
+# Radicale (CalDAV) with the office's shared calendar at /office/calendar/.
+office_server_configure() {
+  local u col=$ROOT/var/lib/radicale/collections/collection-root/office/calendar
+  in_root groupadd -f office
+  for u in $OFFICE_USERS; do
+    in_root useradd -M -N -g office -s /usr/sbin/nologin "$u"
+    printf '%s\n%s\n' "$u" "$u" | in_root smbpasswd -s -a "$u" >>"$BUILD_LOG" 2>&1
+  done
+  mkdir -p "$ROOT/srv/office"
+  in_root chown root:office /srv/office
+  chmod 2775 "$ROOT/srv/office"
+  cat >> "$ROOT/etc/samba/smb.conf" <<'EOC'
+
+[office]
+   comment = The office's shared folder
+   path = /srv/office
+   read only = no
+   valid users = @office
+   force group = office
+   create mask = 0664
+   directory mask = 2775
+EOC
+  cat > "$ROOT/etc/radicale/config" <<'EOC'
+# XenUbuntu's office server: the office's users, plain passwords (a demo), and
+# the rights in /etc/radicale/rights.
+[server]
+hosts = 0.0.0.0:5232
+[auth]
+type = htpasswd
+htpasswd_filename = /etc/radicale/users
+htpasswd_encryption = plain
+[rights]
+type = from_file
+file = /etc/radicale/rights
+[storage]
+filesystem_folder = /var/lib/radicale/collections
+EOC
+  for u in $OFFICE_USERS; do echo "$u:$u"; done > "$ROOT/etc/radicale/users"
+  in_root chown root:radicale /etc/radicale/users
+  chmod 640 "$ROOT/etc/radicale/users"
+  cat > "$ROOT/etc/radicale/rights" <<'EOC'
+# Everyone of the office reads the root and their own principal, and reads and
+# writes the calendars under /office/.
+[root]
+user: .+
+collection:
+permissions: R
+[principal]
+user: .+
+collection: {user}
+permissions: RW
+[office]
+user: .+
+collection: office
+permissions: R
+[office-calendars]
+user: .+
+collection: office/[^/]+
+permissions: rw
+EOC
+  mkdir -p "$col"
+  printf '{"D:displayname": "Office", "C:calendar-description": "The office'"'"'s shared calendar", "tag": "VCALENDAR"}\n' \
+    > "$col/.Radicale.props"
+  in_root chown -R radicale:radicale /var/lib/radicale/collections
 }

@@ -1,7 +1,7 @@
 # Ubuntu Server: no graphical session; Samba (file shares) and Radicale
 # (calendars and contacts) running.
 TITLE="Ubuntu Server"
-DESCRIPTION="A server without a desktop that shares files (Samba) and calendars (Radicale)."
+DESCRIPTION="The office's server, without a desktop: shared folders (Samba) and calendars (Radicale)."
 SOURCE=disk
 MEMORY_MIB=512
 PACKAGES="samba radicale"
@@ -14,5 +14,6 @@ flavour_configure() {
   # NetBIOS naming is not needed for shares by address, and nmbd holds up smbd
   # until a network interface is configured
   in_root systemctl mask nmbd.service >>"$BUILD_LOG" 2>&1
+  office_server_configure
   in_root systemctl set-default multi-user.target >>"$BUILD_LOG" 2>&1
 }
