@@ -1,0 +1,175 @@
+"""The office, dom0's side: its channel lines (fuzzed), its ledger (pure), and the
+office bound to an engine with real demo guests writing into their real channel."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xsession.guestchannel import MAX_LINE, ChannelError, Heartbeat, InstallRequest, Ready, parse_line
+from xsession.office.ledger import MAX_ITEMS, Counters, Ledger, OfficeState, Worker
+from xsession.office.protocol import ID_RE, Activity, Problem, WorkerState, command_line
+
+# --- the protocol -------------------------------------------------------------------------
+
+
+def test_each_office_line_is_one_exact_message():
+    assert parse_line(b"xenubuntu1 office state running") == WorkerState("running")
+    assert parse_line(b"xenubuntu1 office saved alice-0003-3fa2c1") == Activity("saved", "alice-0003-3fa2c1")
+    assert parse_line(b"xenubuntu1 office saw bob-1") == Activity("saw", "bob-1")
+    assert parse_line(b"xenubuntu1 office problem calendar") == Problem("calendar")
+    assert Activity("read", "alice-0003-3fa2c1").user == "alice"
+    longest = "a" + "b" * 15 + "-" + "9" * 40
+    assert parse_line(b"xenubuntu1 office added " + longest.encode()) == Activity("added", longest)
+
+
+BAD = [
+    b"xenubuntu1 office state stopped",              # no such worker state
+    b"xenubuntu1 office state running ",             # a trailing space
+    b"xenubuntu1 office state  running",
+    b"xenubuntu1 office state running\r",            # a CR from a terminal
+    b"xenubuntu1 office start",                      # dom0's words, not a guest's
+    b"xenubuntu1 office pause",
+    b"xenubuntu1 office saved alice",                # an ID is USER-REST
+    b"xenubuntu1 office saved alice-",
+    b"xenubuntu1 office saved -0003",
+    b"xenubuntu1 office saved Alice-0003",           # lower case only
+    b"xenubuntu1 office saved 1alice-0003",          # a user starts with a letter
+    b"xenubuntu1 office saved alice_x-0003",
+    b"xenubuntu1 office saved " + b"a" * 17 + b"-1",                # a user of 17
+    b"xenubuntu1 office saved alice-" + b"1" * 41,                  # a rest of 41
+    b"xenubuntu1 office saved alice-0003/../../etc",               # never a path
+    b"xenubuntu1 office saved alice-0003 bob-0004",
+    b"xenubuntu1 office deleted alice-0003",         # no such kind
+    b"xenubuntu1 office problem printer",
+    b"xenubuntu1 office problem",
+    b"xenubuntu1 office",
+    b"xenubuntu2 office state running",
+    b"XENUBUNTU1 office state running",
+    b"xenubuntu1 office state r\xc3\xbcnning",
+]
+
+
+@pytest.mark.parametrize("line", BAD, ids=[repr(b)[:50] for b in BAD])
+def test_anything_else_is_a_channel_error(line):
+    with pytest.raises(ChannelError):
+        parse_line(line)
+
+
+_OFFICE_PREFIXES = [b"xenubuntu1 office ", b"xenubuntu1 office state ", b"xenubuntu1 office saved ",
+                    b"xenubuntu1 office read ", b"xenubuntu1 office problem "]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda p, tail: p + tail, st.sampled_from(_OFFICE_PREFIXES), st.binary(max_size=140)),
+    st.builds(lambda p, tail: p + tail.encode(), st.sampled_from(_OFFICE_PREFIXES),
+              st.text("abcz019-_ /.\n", max_size=80))))
+def test_any_line_is_exactly_an_office_message_or_a_channel_error(line):
+    try:
+        message = parse_line(line)
+    except ChannelError:
+        return
+    assert len(line) < MAX_LINE
+    if isinstance(message, WorkerState):
+        assert line == b"xenubuntu1 office state " + message.state.encode()
+    elif isinstance(message, Activity):
+        assert line == f"xenubuntu1 office {message.kind} {message.item}".encode()
+        user, rest = message.item.split("-", 1)
+        assert 1 <= len(user) <= 16 and 1 <= len(rest) <= 40 and ID_RE.fullmatch(message.item)
+    elif isinstance(message, Problem):
+        assert line == b"xenubuntu1 office problem " + message.what.encode()
+    else:
+        assert isinstance(message, (Ready, Heartbeat, InstallRequest))
+
+
+@given(st.from_regex(re.compile(r"[a-z][a-z0-9]{0,15}-[0-9a-z-]{1,40}"), fullmatch=True),
+       st.sampled_from(["saved", "added", "read", "saw"]))
+def test_every_id_of_the_protocol_is_taken_whole(item, kind):
+    assert parse_line(f"xenubuntu1 office {kind} {item}".encode()) == Activity(kind, item)
+
+
+def test_dom0_says_start_and_pause_only():
+    assert command_line("start") == b"xenubuntu1 office start\n"
+    assert command_line("pause") == b"xenubuntu1 office pause\n"
+    with pytest.raises(ValueError):
+        command_line("reset")
+
+
+# --- the ledger (pure) ----------------------------------------------------------------------
+
+def test_a_command_is_due_until_the_desktop_acknowledges_it_and_again_when_its_guest_changes():
+    ledger = Ledger("server", ["kubuntu", "ubuntu"])
+    assert ledger.state is OfficeState.IDLE and ledger.due("kubuntu") is None   # idle: nothing to say
+    ledger.start(100.0)
+    assert ledger.due("kubuntu") == ledger.due("ubuntu") == "start"
+    ledger.hear("kubuntu", WorkerState("idle"), 101.0)
+    assert ledger.due("kubuntu") == "start"                 # not what was asked: still due
+    ledger.hear("kubuntu", WorkerState("running"), 102.0)
+    assert ledger.due("kubuntu") is None and ledger.due("ubuntu") == "start"
+    assert ledger.workers["kubuntu"] == Worker("running", "")
+    assert ledger.forget("kubuntu") and ledger.due("kubuntu") == "start"   # restored: nothing acknowledged
+    assert not ledger.forget("kubuntu")
+    ledger.hear("kubuntu", WorkerState("running"), 103.0)
+    ledger.pause()
+    assert ledger.due("kubuntu") == ledger.due("ubuntu") == "pause"
+    ledger.hear("ubuntu", WorkerState("paused"), 104.0)
+    assert ledger.due("ubuntu") is None
+    assert ledger.due("server") is None                     # the server has no worker
+
+
+def test_activity_is_counted_and_the_first_cross_desktop_read_is_timed_from_the_start():
+    ledger = Ledger("server", ["kubuntu", "ubuntu"], max_records=3)
+    ledger.hear("kubuntu", Activity("saved", "alice-1"), 50.0)     # before any start: counted, not timed
+    ledger.start(100.0)
+    ledger.hear("kubuntu", Activity("added", "alice-2"), 101.0)
+    record = ledger.hear("ubuntu", Activity("read", "alice-1"), 104.5)
+    assert record is not None and (record.session, record.kind, record.item, record.at) == \
+        ("ubuntu", "read", "alice-1", 104.5)
+    ledger.hear("ubuntu", Activity("saw", "alice-2"), 106.0)
+    ledger.hear("kubuntu", Activity("read", "bob-9"), 107.0)       # another desktop's, unknown to dom0: counted
+    assert ledger.counters == Counters(saved=1, added=1, read=2, seen=1, first_read=4.5, first_seen=6.0)
+    assert [r.item for r in ledger.records] == ["alice-1", "alice-2", "bob-9"]   # bounded, the latest kept
+    ledger.start(200.0)                                             # a new start times anew
+    assert ledger.counters.first_read == -1.0 and ledger.counters.read == 2
+    ledger.reset()
+    assert ledger.counters == Counters() and not ledger.records and ledger.state is OfficeState.IDLE
+    assert ledger.started == 0.0 and ledger.workers == {"kubuntu": Worker(), "ubuntu": Worker()}
+
+
+def test_what_contradicts_the_office_is_refused_and_changes_nothing():
+    ledger = Ledger("server", ["kubuntu", "ubuntu"])
+    ledger.start(1.0)
+    ledger.hear("kubuntu", Activity("saved", "alice-1"), 2.0)
+    before = ledger.view()
+    for session, message, words in (
+            ("xubuntu", Activity("saved", "carol-1"), "no office desktop"),
+            ("server", WorkerState("running"), "server"),
+            ("kubuntu", Activity("read", "alice-1"), "made itself"),      # reading its own document
+            ("ubuntu", Activity("saved", "alice-1"), "which kubuntu made")):
+        with pytest.raises(ChannelError, match=words):
+            ledger.hear(session, message, 3.0)
+    assert ledger.view() == before and len(ledger.records) == 1
+
+
+def test_a_problem_is_kept_until_that_area_works_again():
+    ledger = Ledger("server", ["kubuntu", "ubuntu"])
+    ledger.hear("kubuntu", Problem("share"), 1.0)
+    ledger.hear("kubuntu", Activity("added", "alice-1"), 2.0)      # the calendar works: the share may not
+    assert ledger.workers["kubuntu"].problem == "share"
+    ledger.hear("kubuntu", Activity("saved", "alice-2"), 3.0)
+    assert ledger.workers["kubuntu"].problem == ""
+
+
+def test_the_makers_remembered_are_bounded():
+    ledger = Ledger("server", ["kubuntu", "ubuntu"])
+    for i in range(MAX_ITEMS + 10):
+        ledger.hear("kubuntu", Activity("saved", f"alice-{i}"), 1.0)
+    assert ledger.counters.saved == MAX_ITEMS + 10
+    ledger.hear("kubuntu", Activity("read", "alice-0"), 2.0)      # forgotten: taken as another's
+    with pytest.raises(ChannelError):
+        ledger.hear("kubuntu", Activity("read", f"alice-{MAX_ITEMS}"), 2.0)
