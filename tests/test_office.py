@@ -4,14 +4,22 @@ office bound to an engine with real demo guests writing into their real channel.
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xsession.engine import State
 from xsession.guestchannel import MAX_LINE, ChannelError, Heartbeat, InstallRequest, Ready, parse_line
+from xsession.manifest import MANIFEST_RELPATH, load_manifest
+from xsession.office.errors import NoOffice
 from xsession.office.ledger import MAX_ITEMS, Counters, Ledger, OfficeState, Worker
+from xsession.office.manager import OfficeManager
 from xsession.office.protocol import ID_RE, Activity, Problem, WorkerState, command_line
+
+from .guestlib import from_dom0, in_guest, open_channel, to_dom0, with_office
 
 # --- the protocol -------------------------------------------------------------------------
 
@@ -173,3 +181,147 @@ def test_the_makers_remembered_are_bounded():
     ledger.hear("kubuntu", Activity("read", "alice-0"), 2.0)      # forgotten: taken as another's
     with pytest.raises(ChannelError):
         ledger.hear("kubuntu", Activity("read", f"alice-{MAX_ITEMS}"), 2.0)
+
+
+# --- the office bound to an engine, with real demo guests --------------------------------------
+
+def until(check, timeout: float = 30.0, what: str = "the condition"):
+    """Poll ``check()`` until it gives something true; that is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not happen within {timeout} s")
+
+
+class Speaker:
+    """A demo guest speaking to dom0 on its real channel, its heartbeats numbered.
+
+    QEMU drops what a guest writes on its port while dom0's end of the socket is not
+    connected yet (right after a restore), so :meth:`connect` first repeats a heartbeat
+    until dom0's reader heard one; from then on nothing is lost.
+    """
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+        self.serial = engine.session(name).console["serial"]
+        self.seq = 0
+        open_channel(self.serial)
+
+    def say(self, line: str) -> None:
+        to_dom0(self.serial, line)
+
+    def heartbeat(self) -> int:
+        """One heartbeat, returned once dom0's reader took it (and so acted on it)."""
+        self.seq += 1
+        self.say(f"xenubuntu1 heartbeat {self.seq}")
+        until(lambda: self.engine.channel(self.name).last_seq >= self.seq, 30, f"heartbeat {self.seq} of {self.name}")
+        return self.seq
+
+    def connect(self) -> Speaker:
+        def heard() -> bool:
+            self.seq += 1
+            self.say(f"xenubuntu1 heartbeat {self.seq}")
+            time.sleep(0.3)
+            return self.engine.channel(self.name).last_seq > 0
+        until(heard, 30, f"{self.name}'s channel to connect")
+        self.heartbeat()
+        return self
+
+    def heard(self) -> list[str]:
+        return from_dom0(self.serial)
+
+
+def test_start_reaches_the_workers_until_they_acknowledge_and_their_reports_are_counted(medium: Path, make_engine):
+    manifest = load_manifest(with_office(medium, "server", ["kubuntu", "ubuntu"]) / MANIFEST_RELPATH)
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    office = OfficeManager(engine)
+    events: list = []
+    office.subscribe(lambda event, payload: events.append((event, payload)))
+    assert office.present and office.view().state is OfficeState.IDLE
+
+    started = office.start()   # the server and both desktops are restored
+    assert started.state is OfficeState.RUNNING and started.started > 0
+    for name in ("server", "kubuntu", "ubuntu"):
+        engine.wait_state(name, {State.RUNNING}, 120)
+    guests = {n: Speaker(engine, n).connect() for n in ("server", "kubuntu", "ubuntu")}
+    kubuntu, ubuntu = guests["kubuntu"], guests["ubuntu"]
+
+    # each heartbeat brings "office start" again until the desktop answers that its worker runs
+    starts = lambda: kubuntu.heard().count("xenubuntu1 office start")  # noqa: E731
+    first = until(starts, 30, "office start inside kubuntu")
+    kubuntu.heartbeat()
+    until(lambda: starts() > first, 30, "office start said again")
+    kubuntu.say("xenubuntu1 office state running")
+    until(lambda: office.view().workers["kubuntu"].acknowledged == "running", 30, "kubuntu's acknowledgement")
+    said = starts()
+    kubuntu.heartbeat()
+    kubuntu.heartbeat()
+    time.sleep(0.5)
+    assert starts() == said                      # acknowledged: nothing more to say
+    assert office.view().workers["ubuntu"].acknowledged == ""
+    assert "xenubuntu1 office start" not in guests["server"].heard()   # the server has no worker
+
+    # a document saved on one desktop and read on the other
+    kubuntu.say("xenubuntu1 office saved alice-0001-3fa2c1")
+    ubuntu.say("xenubuntu1 office read alice-0001-3fa2c1")
+    until(lambda: office.view().counters.read == 1, 30, "the read counted")
+    view = office.view()
+    assert view.counters.saved == 1 and 0 <= view.counters.first_read <= time.time() - view.started
+    activity = [p for e, p in events if e == "activity"]
+    assert [(r.session, r.kind, r.item) for r in activity] == [
+        ("kubuntu", "saved", "alice-0001-3fa2c1"), ("ubuntu", "read", "alice-0001-3fa2c1")]
+
+    # what is no desktop's to say, or contradicts the office, is refused and changes nothing
+    before, refused = office.view(), {n: engine.channel(n).refused for n in guests}
+    guests["server"].say("xenubuntu1 office saved carol-0001")     # the server is no desktop
+    kubuntu.say("xenubuntu1 office read alice-0001-3fa2c1")         # its own document
+    ubuntu.say("xenubuntu1 office saved alice-0001/../x")           # not a line of the protocol
+    until(lambda: all(engine.channel(n).refused == refused[n] + 1 for n in guests), 30, "three refusals")
+    assert office.view() == before and len(office.records()) == 2
+
+    # pause: said to each desktop until it acknowledges
+    office.pause()
+    ubuntu.heartbeat()
+    until(lambda: "xenubuntu1 office pause" in ubuntu.heard(), 30, "office pause inside ubuntu")
+
+    # reset: every session restored afresh from its statefile, the office as mastered
+    changes = {n: engine.session(n).last_change for n in guests}
+    reset = office.reset()
+    assert reset.state is OfficeState.IDLE and reset.counters == Counters() and reset.started == 0
+    assert office.records() == []
+    for name in guests:
+        view = engine.wait_state(name, {State.RUNNING}, 120)
+        assert view.last_change > changes[name] and view.origin == "restored"
+        assert in_guest(view.console["serial"], "ls /run/to-dom0 2>&1 || true")[0].endswith("No such file or directory")
+    assert office.view().workers == {"kubuntu": Worker(), "ubuntu": Worker()}
+
+
+def test_a_session_outside_the_office_is_refused_and_a_medium_without_one_has_none(medium: Path, make_engine):
+    plain = make_engine(load_manifest(medium / MANIFEST_RELPATH), "xenubuntu.restore=off")
+    absent = OfficeManager(plain)
+    assert not absent.present and absent.view().state is OfficeState.ABSENT
+    for action in (absent.start, absent.pause, absent.reset):
+        with pytest.raises(NoOffice):
+            action()
+    plain.shutdown()
+
+    manifest = load_manifest(with_office(medium, "server", ["kubuntu", "ubuntu"]) / MANIFEST_RELPATH)
+    engine = make_engine(manifest, "xenubuntu.restore=off")
+    office = OfficeManager(engine)
+    engine.activate("xubuntu")
+    engine.wait_state("xubuntu", {State.RUNNING}, 120)
+    xubuntu = Speaker(engine, "xubuntu").connect()
+    xubuntu.say("xenubuntu1 office saved carol-0001")
+    xubuntu.say("xenubuntu1 office state running")
+    until(lambda: engine.channel("xubuntu").refused == 2, 30, "two refusals")
+    assert xubuntu.heartbeat() == engine.channel("xubuntu").last_seq      # its heartbeats are heard as ever
+    assert office.view().counters == Counters() and office.records() == []
+    assert "xenubuntu1 office" not in " ".join(xubuntu.heard())
+
+    # the boot options leave the server out: no office, and the warnings say why
+    partial = make_engine(manifest, "xenubuntu.restore=off xenubuntu.sessions=kubuntu,ubuntu")
+    assert not OfficeManager(partial).present
+    assert any("leave out server" in w for w in partial.warnings)
