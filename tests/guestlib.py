@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 COUNTER_RE = re.compile(rb"COUNTER (\d+)")
@@ -136,3 +137,54 @@ def to_dom0(serial: str | Path, line: str) -> None:
 def from_dom0(serial: str | Path) -> list[str]:
     """Every line dom0 wrote to the guest's channel so far."""
     return in_guest(serial, "cat /run/from-dom0")
+
+
+def until(check, timeout: float = 30.0, what: str = "the condition"):
+    """Poll ``check()`` until it gives something true; that is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not happen within {timeout} s")
+
+
+class Speaker:
+    """A demo guest speaking to dom0 on its real channel, its heartbeats numbered;
+    ``last_seq()`` is the last heartbeat dom0 heard from it (the engine's reader, or
+    the Session's ``Heartbeat`` property).
+
+    QEMU drops what a guest writes on its port while dom0's end of the socket is not
+    connected yet (right after a restore), so :meth:`connect` first repeats a heartbeat
+    until dom0 heard one; from then on nothing is lost.
+    """
+
+    def __init__(self, serial: str | Path, last_seq: Callable[[], int], name: str = "the guest"):
+        self.serial, self.last_seq, self.name = serial, last_seq, name
+        self.seq = 0
+        open_channel(serial)
+
+    def say(self, line: str) -> None:
+        to_dom0(self.serial, line)
+
+    def heartbeat(self) -> int:
+        """One heartbeat, returned once dom0 took it (and so acted on it)."""
+        self.seq += 1
+        self.say(f"xenubuntu1 heartbeat {self.seq}")
+        until(lambda: self.last_seq() >= self.seq, 30, f"heartbeat {self.seq} of {self.name}")
+        return self.seq
+
+    def connect(self) -> Speaker:
+        def heard() -> bool:
+            self.seq += 1
+            self.say(f"xenubuntu1 heartbeat {self.seq}")
+            time.sleep(0.3)
+            return self.last_seq() > 0
+        until(heard, 30, f"{self.name}'s channel to connect")
+        self.heartbeat()
+        return self
+
+    def heard(self) -> list[str]:
+        """Every line dom0 wrote to the guest's channel so far."""
+        return from_dom0(self.serial)

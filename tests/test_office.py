@@ -19,7 +19,7 @@ from xsession.office.ledger import MAX_ITEMS, Counters, Ledger, OfficeState, Wor
 from xsession.office.manager import OfficeManager
 from xsession.office.protocol import ID_RE, Activity, Problem, WorkerState, command_line
 
-from .guestlib import from_dom0, in_guest, open_channel, to_dom0, with_office
+from .guestlib import Speaker, in_guest, until, with_office
 
 # --- the protocol -------------------------------------------------------------------------
 
@@ -185,53 +185,9 @@ def test_the_makers_remembered_are_bounded():
 
 # --- the office bound to an engine, with real demo guests --------------------------------------
 
-def until(check, timeout: float = 30.0, what: str = "the condition"):
-    """Poll ``check()`` until it gives something true; that is returned."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} did not happen within {timeout} s")
-
-
-class Speaker:
-    """A demo guest speaking to dom0 on its real channel, its heartbeats numbered.
-
-    QEMU drops what a guest writes on its port while dom0's end of the socket is not
-    connected yet (right after a restore), so :meth:`connect` first repeats a heartbeat
-    until dom0's reader heard one; from then on nothing is lost.
-    """
-
-    def __init__(self, engine, name: str):
-        self.engine, self.name = engine, name
-        self.serial = engine.session(name).console["serial"]
-        self.seq = 0
-        open_channel(self.serial)
-
-    def say(self, line: str) -> None:
-        to_dom0(self.serial, line)
-
-    def heartbeat(self) -> int:
-        """One heartbeat, returned once dom0's reader took it (and so acted on it)."""
-        self.seq += 1
-        self.say(f"xenubuntu1 heartbeat {self.seq}")
-        until(lambda: self.engine.channel(self.name).last_seq >= self.seq, 30, f"heartbeat {self.seq} of {self.name}")
-        return self.seq
-
-    def connect(self) -> Speaker:
-        def heard() -> bool:
-            self.seq += 1
-            self.say(f"xenubuntu1 heartbeat {self.seq}")
-            time.sleep(0.3)
-            return self.engine.channel(self.name).last_seq > 0
-        until(heard, 30, f"{self.name}'s channel to connect")
-        self.heartbeat()
-        return self
-
-    def heard(self) -> list[str]:
-        return from_dom0(self.serial)
+def speaker(engine, name: str) -> Speaker:
+    """``name``'s guest speaking on its channel to this engine, connected."""
+    return Speaker(engine.session(name).console["serial"], lambda: engine.channel(name).last_seq, name).connect()
 
 
 def test_start_reaches_the_workers_until_they_acknowledge_and_their_reports_are_counted(medium: Path, make_engine):
@@ -246,7 +202,7 @@ def test_start_reaches_the_workers_until_they_acknowledge_and_their_reports_are_
     assert started.state is OfficeState.RUNNING and started.started > 0
     for name in ("server", "kubuntu", "ubuntu"):
         engine.wait_state(name, {State.RUNNING}, 120)
-    guests = {n: Speaker(engine, n).connect() for n in ("server", "kubuntu", "ubuntu")}
+    guests = {n: speaker(engine, n) for n in ("server", "kubuntu", "ubuntu")}
     kubuntu, ubuntu = guests["kubuntu"], guests["ubuntu"]
 
     # each heartbeat brings "office start" again until the desktop answers that its worker runs
@@ -313,7 +269,7 @@ def test_a_session_outside_the_office_is_refused_and_a_medium_without_one_has_no
     office = OfficeManager(engine)
     engine.activate("xubuntu")
     engine.wait_state("xubuntu", {State.RUNNING}, 120)
-    xubuntu = Speaker(engine, "xubuntu").connect()
+    xubuntu = speaker(engine, "xubuntu")
     xubuntu.say("xenubuntu1 office saved carol-0001")
     xubuntu.say("xenubuntu1 office state running")
     until(lambda: engine.channel("xubuntu").refused == 2, 30, "two refusals")
