@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 COUNTER_RE = re.compile(rb"COUNTER (\d+)")
@@ -89,3 +90,101 @@ def damage(path: Path, offset: int | None = None, count: int = 16, truncate_to: 
     tmp = path.with_name(path.name + ".new")
     tmp.write_bytes(bytes(data))
     os.replace(tmp, path)
+
+
+# --- the office: a demo medium with one, and a demo guest speaking on its channel ------------
+
+def with_office(medium: Path, server: str, desktops: list[str]) -> Path:
+    """Give a (hard-linked) medium copy an ``office`` section; the manifest is replaced,
+    never changed in place, so the cached medium stays as it is."""
+    import yaml
+
+    manifest = medium / "xenubuntu" / "manifest.yaml"
+    data = yaml.safe_load(manifest.read_text())
+    data["office"] = {"server": server, "desktops": desktops}
+    tmp = manifest.with_name("manifest.yaml.new")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, manifest)
+    return medium
+
+
+#: the demo guest's channel device (its virtio-serial port's name)
+GUEST_PORT = ("$(for p in /sys/class/virtio-ports/*; do [ $(cat $p/name) = org.xenubuntu.guest.0 ] && "
+              "echo /dev/${p##*/}; done)")
+
+
+def in_guest(serial: str | Path, command: str, timeout: float = 30.0) -> list[str]:
+    """Run a shell command in a demo guest (its console's ``sh:``); the lines it printed."""
+    lines = converse(serial, f"sh:{command}",
+                     lambda ls: ls if any(ln.startswith(b"PONG sh") for ln in ls) else None, timeout, "PONG sh")
+    return [ln[4:].decode(errors="replace").strip() for ln in lines if ln.startswith(b"OUT ")]
+
+
+def open_channel(serial: str | Path) -> None:
+    """Hold the guest's channel open in the background, as an agent would: what dom0 writes
+    is appended to /run/from-dom0, what is written into the fifo /run/to-dom0 goes to dom0
+    (:func:`to_dom0`). The port has one opener at a time, so everything goes through it."""
+    in_guest(serial, f"P={GUEST_PORT}; mkfifo /run/to-dom0; : > /run/from-dom0; "
+                     "(exec 5<>$P; cat <&5 >> /run/from-dom0 & while :; do cat /run/to-dom0 >&5; done) "
+                     ">/dev/null 2>&1 </dev/null &")
+
+
+def to_dom0(serial: str | Path, line: str) -> None:
+    """One line from inside the guest to dom0, through its real channel (see :func:`open_channel`)."""
+    in_guest(serial, f"echo '{line}' > /run/to-dom0")
+
+
+def from_dom0(serial: str | Path) -> list[str]:
+    """Every line dom0 wrote to the guest's channel so far."""
+    return in_guest(serial, "cat /run/from-dom0")
+
+
+def until(check, timeout: float = 30.0, what: str = "the condition"):
+    """Poll ``check()`` until it gives something true; that is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not happen within {timeout} s")
+
+
+class Speaker:
+    """A demo guest speaking to dom0 on its real channel, its heartbeats numbered;
+    ``last_seq()`` is the last heartbeat dom0 heard from it (the engine's reader, or
+    the Session's ``Heartbeat`` property).
+
+    QEMU drops what a guest writes on its port while dom0's end of the socket is not
+    connected yet (right after a restore), so :meth:`connect` first repeats a heartbeat
+    until dom0 heard one; from then on nothing is lost.
+    """
+
+    def __init__(self, serial: str | Path, last_seq: Callable[[], int], name: str = "the guest"):
+        self.serial, self.last_seq, self.name = serial, last_seq, name
+        self.seq = 0
+        open_channel(serial)
+
+    def say(self, line: str) -> None:
+        to_dom0(self.serial, line)
+
+    def heartbeat(self) -> int:
+        """One heartbeat, returned once dom0 took it (and so acted on it)."""
+        self.seq += 1
+        self.say(f"xenubuntu1 heartbeat {self.seq}")
+        until(lambda: self.last_seq() >= self.seq, 30, f"heartbeat {self.seq} of {self.name}")
+        return self.seq
+
+    def connect(self) -> Speaker:
+        def heard() -> bool:
+            self.seq += 1
+            self.say(f"xenubuntu1 heartbeat {self.seq}")
+            time.sleep(0.3)
+            return self.last_seq() > 0
+        until(heard, 30, f"{self.name}'s channel to connect")
+        self.heartbeat()
+        return self
+
+    def heard(self) -> list[str]:
+        """Every line dom0 wrote to the guest's channel so far."""
+        return from_dom0(self.serial)

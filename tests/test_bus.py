@@ -32,6 +32,9 @@ def test_ready_and_what_busctl_and_gdbus_see(private_bus, xsessiond, client):
     # introspection: exactly the interfaces of the installed XML file
     published = interface_members(client.call(MANAGER_PATH, "org.freedesktop.DBus.Introspectable", "Introspect")[0])
     published.update(interface_members(client.call(KUBUNTU, "org.freedesktop.DBus.Introspectable", "Introspect")[0]))
+    # the office answers even on a medium without one (State "absent"; test_office_bus.py)
+    published.update(interface_members(client.call(f"{MANAGER_PATH}/office", "org.freedesktop.DBus.Introspectable",
+                                                   "Introspect")[0]))
     for iface, members in interface_members(introspection_xml()).items():
         if iface == JOB_IFACE:
             continue  # published for each install job: test_install_e2e looks at one

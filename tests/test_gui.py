@@ -24,7 +24,7 @@ from xsession.manifest import MANIFEST_RELPATH
 from xsession.screen import Picture, to_png
 
 from .buslib import Client
-from .guestlib import ask
+from .guestlib import ask, with_office
 from .conftest import ARTIFACTS
 from .guilib import (COLS, ROWS, CELL_H, CELL_W, MethodCalls, click, distinct_colours, guest_keyboard_interrupts,
                      pump, read_text, screenshot, session_font, settle, xdotool)
@@ -590,3 +590,43 @@ def test_a_guests_request_opens_the_dialog_and_a_click_installs(xsessiond, gui, 
         assert not window.chooser.install_button.get_visible()  # nothing waits any more
     finally:
         subprocess.run(["losetup", "--detach", loop], capture_output=True)
+
+
+def test_the_office_view_shows_its_three_consoles_and_its_buttons_drive_it(
+        xsessiond, gui, other, runtime_dir, xdisplay, medium):
+    xsessiond("xenubuntu.restore=off", medium_path=with_office(medium, "server", ["kubuntu", "ubuntu"]))
+    window = gui()
+    office = "/org/xenubuntu/Sessions1/office"
+    iface = "org.xenubuntu.Sessions1.Office"
+    pump(lambda: window.client.office is not None and window.chooser.office_button.get_visible(), 10,
+         "the Office button")
+    click(xdisplay, window.chooser.office_button)
+    pump(lambda: window.page == "office" and len(window.consoles) == 3, 10, "the office view")
+    assert [v.name for v in window.consoles] == ["server", "kubuntu", "ubuntu"]
+    assert "Not started" in window.office_bar.status_label.get_text()
+    assert not window.office_bar.buttons["Pause"].get_sensitive()
+
+    # Start: the daemon starts the office; its three sessions run and are shown at once, each by name
+    click(xdisplay, window.office_bar.buttons["Start"])
+    pump(lambda: other.prop(office, iface, "State") == "running", 30, "the office to start")
+    for name in ("server", "kubuntu", "ubuntu"):
+        other.wait_state(name, {"running"})
+    pump(lambda: all(v.connected for v in window.consoles), 60, "three live consoles")
+    pump(lambda: "Working" in window.office_bar.status_label.get_text(), 10, "the status line")
+    views = {v.name: v for v in window.consoles}
+    for name, view in views.items():
+        font, _ = session_font(serial(runtime_dir, name), vnc(runtime_dir, name))
+        pump(lambda: shows(view, font, name), 20, f"the {name} pane to show {TITLES[name]}")
+    settle(0.3)
+    screenshot(SHOTS / "office.png", window)
+
+    # Pause and Reset go to the daemon too; the line follows what it says
+    click(xdisplay, window.office_bar.buttons["Pause"])
+    pump(lambda: other.prop(office, iface, "State") == "paused", 30, "the office to pause")
+    pump(lambda: "Paused" in window.office_bar.status_label.get_text(), 10, "the status line to say so")
+    before = other.session("kubuntu")["LastChange"]
+    click(xdisplay, window.office_bar.buttons["Reset"])
+    pump(lambda: other.prop(office, iface, "State") == "idle", 60, "the office to reset")
+    pump(lambda: "Not started" in window.office_bar.status_label.get_text(), 10, "the status line to say so")
+    other.wait_state("kubuntu", {"running"})
+    assert other.session("kubuntu")["LastChange"] > before

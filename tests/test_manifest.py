@@ -275,3 +275,86 @@ def test_the_documented_ranges_are_the_ones_enforced():
     for name, (low, high) in LIMITS.items():
         words = f"{int(low)} to {int(high)}"
         assert words in doc, f"docs/manifest.md does not give the range of {name}: {words}"
+
+
+# --- the office section ------------------------------------------------------------------
+
+def _with_office(office) -> dict:
+    """GOOD with a third flavour (a second desktop) and the given ``office`` section."""
+    data = copy.deepcopy(GOOD)
+    ubuntu = copy.deepcopy(data["flavours"][1])
+    ubuntu["name"] = "ubuntu"
+    ubuntu["cold_boot"]["ready_line"] = "XS-READY flavour=ubuntu"
+    data["flavours"].append(ubuntu)
+    data["office"] = office
+    return data
+
+
+def test_an_office_section_parses_and_round_trips_and_its_absence_means_no_office():
+    m = parse(_with_office({"server": "server", "desktops": ["kubuntu", "ubuntu"]}))
+    assert m.office is not None and m.office.server == "server" and m.office.desktops == ("kubuntu", "ubuntu")
+    assert m.office.names == ("server", "kubuntu", "ubuntu")
+    assert parse(manifest_to_dict(m)) == m
+    assert parse(GOOD).office is None and "office" not in manifest_to_dict(parse(GOOD))
+
+
+OFFICE_CASES = [
+    ({"server": "edubuntu", "desktops": ["kubuntu", "ubuntu"]}, "office.server", "not a flavour"),
+    ({"server": "server", "desktops": ["kubuntu", "edubuntu"]}, "office.desktops[1]", "not a flavour"),
+    ({"server": "server", "desktops": ["kubuntu", "server"]}, "office.desktops[1]", "no desktop"),
+    ({"server": "server", "desktops": ["kubuntu", "kubuntu"]}, "office.desktops[1]", "second time"),
+    ({"server": "server", "desktops": ["kubuntu"]}, "office.desktops", "2 to 63 flavours"),
+    ({"server": "server", "desktops": []}, "office.desktops", "2 to 63 flavours"),
+    ({"server": "server", "desktops": ["kubuntu", 7]}, "office.desktops[1]", "not int"),
+    ({"server": "server", "desktops": "kubuntu,ubuntu"}, "office.desktops", "list"),
+    ({"server": "server"}, "office.desktops", "missing"),
+    ({"desktops": ["kubuntu", "ubuntu"]}, "office.server", "missing"),
+    ({"server": ["server"], "desktops": ["kubuntu", "ubuntu"]}, "office.server", "string"),
+    ({"server": "server", "desktops": ["kubuntu", "ubuntu"], "calendar": "radicale"}, "office.calendar",
+     "not a known field"),
+    (None, "office", "mapping"),
+    (["server", "kubuntu", "ubuntu"], "office", "mapping"),
+]
+
+
+@pytest.mark.parametrize("office,field,words", OFFICE_CASES, ids=[c[1] + ":" + c[2] for c in OFFICE_CASES])
+def test_a_bad_office_section_is_refused_naming_its_field(office, field, words):
+    with pytest.raises(ManifestError) as e:
+        parse(_with_office(office))
+    assert e.value.field == field and words in str(e.value), str(e.value)
+    assert str(e.value).startswith("MEDIUM/xenubuntu/manifest.yaml")
+
+
+@settings(max_examples=300, deadline=None)
+@given(office=st.one_of(
+    yaml_values,
+    st.fixed_dictionaries({"server": st.one_of(st.sampled_from(["server", "kubuntu", "ubuntu", "x"]), yaml_values),
+                           "desktops": st.one_of(st.lists(st.one_of(st.sampled_from(["server", "kubuntu", "ubuntu",
+                                                                                      "x"]), yaml_values),
+                                                          max_size=5), yaml_values)})))
+def test_any_office_section_gives_a_valid_office_or_a_manifest_error(office):
+    try:
+        m = parse(_with_office(office))
+    except ManifestError as e:
+        assert str(e).startswith("MEDIUM/xenubuntu/manifest.yaml") and (e.field or "").startswith("office")
+        return
+    o = m.office
+    assert o is not None and o.server in m.names and o.server not in o.desktops
+    assert len(o.desktops) >= 2 and len(set(o.desktops)) == len(o.desktops) and set(o.desktops) <= set(m.names)
+
+
+def test_a_mastering_spec_carries_its_office_checked_by_the_manifest_rules(tmp_path: Path):
+    from xsession.mastering.master import load_spec
+
+    repo = Path(__file__).resolve().parent.parent
+    desktops = load_spec(repo / "demo" / "desktops.yaml")
+    assert desktops.office is not None
+    assert desktops.office.server == "server" and desktops.office.desktops == ("xubuntu", "lubuntu")
+    assert load_spec(repo / "demo" / "flavours.yaml").office is None
+    spec = yaml.safe_load((repo / "demo" / "flavours.yaml").read_text())
+    spec["office"] = {"server": "server", "desktops": ["kubuntu", "server"]}
+    bad = tmp_path / "spec.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ManifestError) as e:
+        load_spec(bad)
+    assert e.value.field == "office.desktops[1]" and e.value.path == str(bad)

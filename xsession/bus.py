@@ -339,6 +339,8 @@ class SessionsService:
         self._closed = False
         #: the install jobs (``xsession.install.dbus.InstallService``): its Manager methods and objects
         self.install: Any = None
+        #: the office (``xsession.office.dbus.OfficeService``): its object, when the medium has one
+        self.office: Any = None
 
     # -- publishing ------------------------------------------------------------------
     def publish(self) -> None:
@@ -611,7 +613,10 @@ class SessionsService:
             return {}
         objects = {session_path(v.name): {SESSION_IFACE: self._typed(SESSION_IFACE, _session_properties(v))}
                    for v in self.engine.sessions()}
-        return objects if self.install is None else {**objects, **self.install.managed_objects()}
+        for part in (self.install, self.office):
+            if part is not None:
+                objects.update(part.managed_objects())
+        return objects
 
 
 def _activate_options(options: GLib.Variant) -> dict[str, Any]:

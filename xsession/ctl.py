@@ -16,6 +16,9 @@ Examples::
     xsessionctl install targets kubuntu  # the disks it may go onto
     xsessionctl install confirm 1 /dev/sdb
     xsessionctl install cancel 1
+    xsessionctl office                   # the office: its state, sessions, workers, counters
+    xsessionctl office start             # also: pause, reset
+    xsessionctl office watch --count 5   # documents and events as the desktops report them
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ MANAGER_IFACE = "org.xenubuntu.Sessions1.Manager"
 SESSION_IFACE = "org.xenubuntu.Sessions1.Session"
 JOB_IFACE = "org.xenubuntu.Sessions1.Job"
 JOB_PATH = MANAGER_PATH + "/job"
+OFFICE_IFACE = "org.xenubuntu.Sessions1.Office"
+OFFICE_PATH = MANAGER_PATH + "/office"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 #: a mutating call may wait for a person to answer polkit's password dialog
 ACTION_TIMEOUT_MS = 5 * 60 * 1000
@@ -66,6 +71,7 @@ ERROR_MEANINGS = {
     "org.xenubuntu.Sessions1.Error.TargetRefused": "that disk cannot be installed onto",
     "org.xenubuntu.Sessions1.Error.HostUnfit": "this computer cannot run the flavour",
     "org.xenubuntu.Sessions1.Error.InstallFailed": "the install failed",
+    "org.xenubuntu.Sessions1.Error.NoOffice": "this medium has no office",
 }
 
 
@@ -456,6 +462,75 @@ def cmd_install(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _office_status(client: Client, args: argparse.Namespace) -> int:
+    props = plain(client.call(OFFICE_PATH, PROPERTIES_IFACE, "GetAll", GLib.Variant("(s)", (OFFICE_IFACE,)),
+                              "(a{sv})", what="office")[0])
+    if args.json:
+        _print_json(props)
+        return 0 if props["State"] != "absent" else 1
+    if props["State"] == "absent":
+        print("office: absent (this medium has no office)")
+        return 1
+    c = props["Counters"]
+    name = lambda path: str(path).rsplit("/", 1)[-1]  # noqa: E731
+    started = time.strftime("%H:%M:%S", time.localtime(props["Started"])) if props["Started"] else "never"
+    print(f"office: {props['State']} (started {started})")
+    print(f"server: {name(props['Server'])}")
+    for path in props["Desktops"]:
+        acknowledged, problem = props["Workers"].get(name(path), ("", ""))
+        print(f"desktop: {name(path):<12} worker {acknowledged or 'unknown':<8}"
+              + (f"  problem: {problem}" if problem else ""))
+
+    def first(seconds: float) -> str:
+        return f"{seconds:.1f} s after start" if seconds >= 0 else "not yet"
+
+    print(f"documents: {c['Saved']} saved, {c['Read']} read by another desktop (first {first(c['FirstRead'])})")
+    print(f"events: {c['Added']} added, {c['Seen']} seen by another desktop (first {first(c['FirstSeen'])})")
+    return 0
+
+
+def _office_watch(client: Client, args: argparse.Namespace) -> int:
+    """One line per Activity signal until interrupted, ``--count`` lines or ``--timeout``."""
+    loop = GLib.MainLoop()
+    seen = {"n": 0}
+
+    def on_signal(con: Gio.DBusConnection, sender: str, path: str, iface: str, signal: str,
+                  params: GLib.Variant) -> None:
+        at, session, kind, item = params.unpack()
+        name = str(session).rsplit("/", 1)[-1]
+        if args.json:
+            print(json.dumps({"time": at, "session": name, "kind": kind, "id": item}, sort_keys=True), flush=True)
+        else:
+            print(f"{time.strftime('%H:%M:%S', time.localtime(at))} {name:<12} {kind:<5} {item}", flush=True)
+        seen["n"] += 1
+        if args.count and seen["n"] >= args.count:
+            loop.quit()
+
+    client.con.signal_subscribe(client.owner(), OFFICE_IFACE, "Activity", OFFICE_PATH, None,
+                                Gio.DBusSignalFlags.NONE, on_signal)
+    # the match rule is in place once a call made after it returns; an absent office says so now
+    state = client.call(OFFICE_PATH, PROPERTIES_IFACE, "Get", GLib.Variant("(ss)", (OFFICE_IFACE, "State")),
+                        "(v)", what="office watch")[0]
+    if state == "absent":
+        raise CtlError("office watch", ERROR_MEANINGS["org.xenubuntu.Sessions1.Error.NoOffice"])
+    print("watching the office's activity", file=sys.stderr, flush=True)
+    if args.timeout:
+        GLib.timeout_add(int(args.timeout * 1000), lambda: loop.quit() or GLib.SOURCE_REMOVE)
+    client.con.connect("closed", lambda *_: loop.quit())
+    loop.run()
+    return 0 if not args.count or seen["n"] >= args.count else 1
+
+
+def cmd_office(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return _office_status(client, args)
+    if args.action == "watch":
+        return _office_watch(client, args)
+    client.call(OFFICE_PATH, OFFICE_IFACE, args.action.capitalize(), timeout_ms=ACTION_TIMEOUT_MS,
+                what=f"office {args.action}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsessionctl", description=__doc__.split("\n\n")[0],
                                 epilog="Talks to org.xenubuntu.Sessions1 on the system bus "
@@ -503,6 +578,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("disk", nargs="?", help="confirm: the target disk (see targets)")
     i.add_argument("--no-wait", action="store_true", help="confirm: return once the install started")
     i.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    o = add("office", cmd_office, "the office: its status; start, pause or reset it; watch its activity",
+            with_name=False)
+    o.add_argument("action", nargs="?", default="status", choices=("status", "start", "pause", "reset", "watch"))
+    o.add_argument("--count", type=int, default=0, help="watch: end after this many lines")
+    o.add_argument("--timeout", type=float, default=0.0, help="watch: end after this many seconds")
     return p
 
 

@@ -32,6 +32,7 @@ from . import __version__, memory, scheduler, sharing
 from .bootopts import DEFAULT_MEDIA, BootOptions, parse_cmdline
 from .bus import API_VERSION, BUS_NAME, Authorizer, SessionsService
 from .install.dbus import install_service
+from .office.dbus import office_service
 from .engine import Engine, State
 from .errors import MediumUnavailable, XSessionError
 from .manifest import MANIFEST_RELPATH, Manifest, load_manifest
@@ -376,6 +377,7 @@ class Daemon:
         if self.engine is not None:
             self.service.install = install_service(con, self.engine, authorizer,
                                                    lambda: self.profile.medium if self.profile else None)
+            self.service.office = office_service(con, self.engine, authorizer, self.medium_problem)
         try:
             reply = con.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                                   "RequestName", GLib.Variant("(su)", (BUS_NAME, _DBUS_NAME_FLAG_DO_NOT_QUEUE)),
@@ -425,8 +427,9 @@ class Daemon:
         """Withdraw from the bus first (no call may start now), then let go of the engine."""
         self._notify("STOPPING=1")
         if self.service is not None:
-            if self.service.install is not None:
-                self.service.install.close()
+            for part in (self.service.install, self.service.office):
+                if part is not None:
+                    part.close()
             self.service.close()
         if self._monitor is not None:
             self._monitor.close()

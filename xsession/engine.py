@@ -40,7 +40,7 @@ from .manifest import Flavour, Manifest
 from .preload import Preload
 from . import scheduler
 
-__all__ = ["State", "TRANSITIONS", "SessionView", "Engine", "EventCallback", "FitCheck"]
+__all__ = ["State", "TRANSITIONS", "SessionView", "Engine", "EventCallback", "FitCheck", "GuestListener"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ def _mark_ran(rundir: Path) -> None:
 EventCallback = Callable[[str, SessionView | None], None]
 #: (flavour, sessions that run) -> None, or raise NotEnoughMemory
 FitCheck = Callable[[Flavour, dict[str, int]], None]
+#: (session, message) -> None, or raise ``ChannelError`` to refuse the message
+GuestListener = Callable[[str, object], None]
 
 
 class Engine:
@@ -192,14 +194,29 @@ class Engine:
         self._medium_readers = 0
         self._medium_free = threading.Event()  # cleared while a restore reads the medium
         self._medium_free.set()
-        #: hears what each running guest says on its channel: ``(session, message)``, in the
-        #: channel's thread; it may refuse a message by raising ``ChannelError``
-        self.guest_messages: Callable[[str, object], None] | None = None
+        self._guest_listeners: list[GuestListener] = []
 
     # -- observing -------------------------------------------------------------
     def subscribe(self, callback: EventCallback) -> None:
         with self._lock:
             self._subscribers.append(callback)
+
+    def listen_guests(self, callback: GuestListener) -> None:
+        """Hear what every running guest says on its channel: ``callback(session, message)``
+        for each accepted message (heartbeats too), in the channel's thread, in the order
+        the listeners came. A listener refuses a message by raising ``ChannelError``: the
+        channel counts and logs it, and the listeners after it do not hear it. The install
+        and the office each listen for their own messages and let the others pass.
+        """
+        with self._lock:
+            self._guest_listeners.append(callback)
+
+    def _guest_message(self, name: str, message: object) -> None:
+        """A channel's thread: pass one message to every listener (see :meth:`listen_guests`)."""
+        with self._lock:
+            listeners = list(self._guest_listeners)
+        for listener in listeners:
+            listener(name, message)
 
     def _emit(self, event: str, session: _Session | None) -> None:
         view = session.view() if session else None
@@ -558,11 +575,10 @@ class Engine:
             return (p.copied, p.size, p.pauses) if p is not None else (0, 0, 0)
 
     def _listen(self, s: _Session, guest: Guest) -> None:
-        """Pass what the guest says on its channel to :attr:`guest_messages`."""
+        """Pass what the guest says on its channel to the listeners (:meth:`listen_guests`)."""
         channel = getattr(guest, "channel", None)
         if channel is not None:
-            channel.on_message = lambda message, name=s.flavour.name: (
-                self.guest_messages(name, message) if self.guest_messages is not None else None)
+            channel.on_message = lambda message, name=s.flavour.name: self._guest_message(name, message)
 
     def channel(self, name: str) -> Any:
         """The running guest's channel (``ChannelReader``: :meth:`send` answers it), or None."""

@@ -8,6 +8,8 @@ not exactly one of these is refused (counted and logged, never acted on)::
     xenubuntu1 heartbeat N         every second after that, N = 1, 2, 3, ...
     xenubuntu1 install-request ID  the person in the guest asks that its flavour be installed
                                    (:mod:`xsession.install.protocol`; dom0 answers on the same socket)
+    xenubuntu1 office ...          an office desktop's worker: its state, a document or an event,
+                                   a problem (:mod:`xsession.office.protocol`; dom0 starts and pauses it)
 
 Lines are ASCII, at most :data:`MAX_LINE` bytes with their newline. A guest that
 sends more than :data:`MAX_LINES_PER_S` lines a second is not read for the rest
@@ -30,9 +32,11 @@ from pathlib import Path
 
 from .install.protocol import REQUEST as _INSTALL_REQUEST
 from .install.protocol import InstallRequest
+from .office import protocol as _office
+from .office.protocol import Activity, OfficeMessage, Problem, WorkerState
 
-__all__ = ["PORT_NAME", "MAX_LINE", "MAX_LINES_PER_S", "Ready", "Heartbeat", "InstallRequest", "Message",
-           "ChannelError", "parse_line", "ChannelReader"]
+__all__ = ["PORT_NAME", "MAX_LINE", "MAX_LINES_PER_S", "Ready", "Heartbeat", "InstallRequest", "WorkerState",
+           "Activity", "Problem", "OfficeMessage", "Message", "ChannelError", "parse_line", "ChannelReader"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class Heartbeat:
     seq: int
 
 
-Message = Ready | Heartbeat | InstallRequest
+Message = Ready | Heartbeat | InstallRequest | OfficeMessage
 
 
 class ChannelError(ValueError):
@@ -75,6 +79,12 @@ def parse_line(untrusted_line: bytes) -> Message:
         return Heartbeat(int(m.group(1)))
     if (m := _INSTALL_REQUEST.fullmatch(untrusted_line)) is not None:
         return InstallRequest(m.group(1).decode("ascii"))
+    if (m := _office.STATE.fullmatch(untrusted_line)) is not None:
+        return WorkerState(m.group(1).decode("ascii"))
+    if (m := _office.ACTIVITY.fullmatch(untrusted_line)) is not None:
+        return Activity(m.group(1).decode("ascii"), m.group(2).decode("ascii"))
+    if (m := _office.PROBLEM.fullmatch(untrusted_line)) is not None:
+        return Problem(m.group(1).decode("ascii"))
     if not untrusted_line.startswith(PROTOCOL.encode() + b" "):
         raise ChannelError("not a xenubuntu1 message")
     raise ChannelError("an unknown or malformed xenubuntu1 message")

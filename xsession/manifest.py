@@ -43,7 +43,9 @@ __all__ = [
     "Disk",
     "ColdBoot",
     "Flavour",
+    "OfficeLayout",
     "Manifest",
+    "parse_office",
     "parse_manifest",
     "load_manifest",
     "manifest_to_dict",
@@ -81,6 +83,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "cold_boot.ready_line": (1, 256),
     "path": (1, 1024),
     "created": (0, 64),
+    "office.desktops": (2, 63),                # a server and the rest of the 64 flavours
 }
 BACKENDS = ("qemu", "xen")
 COMPRESSIONS = ("zstd", "none")
@@ -191,11 +194,27 @@ class Flavour:
 
 
 @dataclass(frozen=True)
+class OfficeLayout:
+    """The medium's office: which flavour serves (Samba share, calendars) and which
+    desktops work in it (docs/manifest.md, "The office")."""
+
+    server: str
+    desktops: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The server, then the desktops: every session the office needs."""
+        return (self.server, *self.desktops)
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: str
     default: str
     flavours: tuple[Flavour, ...]
     created: str = ""
+    #: None: the medium carries no office
+    office: OfficeLayout | None = None
 
     @property
     def root(self) -> Path:
@@ -426,6 +445,36 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     )
 
 
+def parse_office(raw: Any, names: tuple[str, ...], path: str = MANIFEST_RELPATH) -> OfficeLayout:
+    """The ``office`` section: ``{server: NAME, desktops: [NAME, NAME, ...]}``, every name a
+    flavour of ``names``, the server none of the desktops, no name twice, at least two desktops.
+
+    :raises ManifestError: naming the file and the field.
+    """
+    r = _Reader(path, raw, None, "office.")
+    r.reject_unknown({"server", "desktops"})
+    server = r.get("server", str)
+    raw_desktops = r.get("desktops", list)
+    if server not in names:
+        raise r.error(f"names {_short(server)}, which is not a flavour of this medium", "office.server")
+    low, high = LIMITS["office.desktops"]
+    if not low <= len(raw_desktops) <= high:
+        raise r.error(f"must list {int(low)} to {int(high)} flavours, got {len(raw_desktops)}", "office.desktops")
+    desktops: list[str] = []
+    for i, name in enumerate(raw_desktops):
+        where = f"office.desktops[{i}]"
+        if not isinstance(name, str):
+            raise r.error(f"must be a flavour's name, not {type(name).__name__}", where)
+        if name not in names:
+            raise r.error(f"names {_short(name)}, which is not a flavour of this medium", where)
+        if name == server:
+            raise r.error(f"names the office's server {name!r}; a server is no desktop", where)
+        if name in desktops:
+            raise r.error(f"names {name!r} a second time", where)
+        desktops.append(name)
+    return OfficeLayout(server=server, desktops=tuple(desktops))
+
+
 def parse_manifest(text: str, path: str = MANIFEST_RELPATH) -> Manifest:
     """Validate the manifest's text.
 
@@ -440,7 +489,7 @@ def parse_manifest(text: str, path: str = MANIFEST_RELPATH) -> Manifest:
     except (ValueError, OverflowError, RecursionError) as e:  # an integer of 5000 digits, say
         raise ManifestError(path, f"holds a value that cannot be read: {str(e)[:200]}") from e
     top = _Reader(path, data)
-    top.reject_unknown({"format", "default", "created", "flavours"})
+    top.reject_unknown({"format", "default", "created", "flavours", "office"})
     fmt = top.get("format", int)
     if fmt != FORMAT:
         raise top.error(f"format {fmt} is not supported (this manager reads format {FORMAT})", "format")
@@ -463,7 +512,9 @@ def parse_manifest(text: str, path: str = MANIFEST_RELPATH) -> Manifest:
             datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
         except ValueError:
             raise top.error(f"must be an ISO 8601 date and time, got {_short(created)}", "created") from None
-    return Manifest(path=path, default=default, flavours=flavours, created=created)
+    office = top.get("office", dict, None)
+    return Manifest(path=path, default=default, flavours=flavours, created=created,
+                    office=None if office is None else parse_office(office, tuple(f.name for f in flavours), path))
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -541,9 +592,12 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
         return obj
 
 
-    return {
+    out: dict[str, Any] = {
         "format": FORMAT,
         "default": m.default,
         "created": m.created,
         "flavours": [clean(dataclasses.asdict(f)) for f in m.flavours],
     }
+    if m.office is not None:
+        out["office"] = {"server": m.office.server, "desktops": list(m.office.desktops)}
+    return out

@@ -227,7 +227,8 @@ class Chooser(Gtk.Box):
     """All the sessions as cards, in restore order, with the manager's memory and warnings.
 
     Signals: ``switch(name)``, ``action(name, method)``, ``split()`` the side-by-side
-    view of the picked sessions, ``install(path)`` show a pending install request.
+    view of the picked sessions, ``install(path)`` show a pending install request,
+    ``office()`` the office view (offered when the medium has an office).
     """
 
     __gsignals__ = {
@@ -235,6 +236,7 @@ class Chooser(Gtk.Box):
         "action": (GObject.SignalFlags.RUN_LAST, None, (str, str)),
         "split": (GObject.SignalFlags.RUN_LAST, None, ()),
         "install": (GObject.SignalFlags.RUN_LAST, None, (str,)),
+        "office": (GObject.SignalFlags.RUN_LAST, None, ()),
     }
 
     def __init__(self, client: SessionsClient):
@@ -253,6 +255,11 @@ class Chooser(Gtk.Box):
         self.split_button.set_tooltip_text("Show the picked sessions (or all that run) next to each other")
         self.split_button.connect("clicked", lambda _b: self.emit("split"))
         head.pack_end(self.split_button, False, False, 0)
+        self.office_button = Gtk.Button(label="Office")
+        self.office_button.set_tooltip_text("The office: its server and desktops side by side, started together")
+        self.office_button.set_no_show_all(True)
+        self.office_button.connect("clicked", lambda _b: self.emit("office"))
+        head.pack_end(self.office_button, False, False, 0)
         # a guest's install request that waits (its dialog was put off with "Not now")
         self.install_button = Gtk.Button()
         self.install_button.get_style_context().add_class("suggested-action")
@@ -297,6 +304,7 @@ class Chooser(Gtk.Box):
         for signal in ("job-added", "job-removed"):
             client.connect(signal, lambda _c, _p: self._update_jobs())
         client.connect("job-changed", lambda _c, _p, _ch: self._update_jobs())
+        client.connect("office-changed", lambda _c, _ch: self.office_button.set_visible(client.office is not None))
         for n in client.sessions:
             self._add(n)
         self._update_manager()

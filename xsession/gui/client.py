@@ -24,6 +24,8 @@ GObject signals of :class:`SessionsClient`::
     job-added(path)                  an install a guest asked for (:class:`Job`)
     job-changed(path, changed)
     job-removed(path)
+    office-changed(changed)          the medium's office (:class:`Office`); changed: property names
+    office-activity(activity)        a desktop reported (time, session name, kind, id)
 
 Pictures (:meth:`SessionsClient.get_picture`) are the one thing asked for again
 and again, by the chooser while it is shown; a failed picture is not an error
@@ -42,7 +44,8 @@ from gi.repository import Gio, GLib, GObject
 
 __all__ = [
     "BUS_NAME", "MANAGER_PATH", "MANAGER_IFACE", "SESSION_IFACE", "ERROR_PREFIX",
-    "ACTIONS", "ACTIVE_STATES", "PICTURE_KINDS", "Session", "Manager", "Job", "CallError", "SessionsClient",
+    "ACTIONS", "ACTIVE_STATES", "PICTURE_KINDS", "Session", "Manager", "Job", "Office", "CallError",
+    "SessionsClient",
     "actions_for", "describe_error",
 ]
 
@@ -53,6 +56,8 @@ MANAGER_PATH = "/org/xenubuntu/Sessions1"
 MANAGER_IFACE = "org.xenubuntu.Sessions1.Manager"
 SESSION_IFACE = "org.xenubuntu.Sessions1.Session"
 JOB_IFACE = "org.xenubuntu.Sessions1.Job"
+OFFICE_IFACE = "org.xenubuntu.Sessions1.Office"
+OFFICE_PATH = MANAGER_PATH + "/office"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 ERROR_PREFIX = "org.xenubuntu.Sessions1.Error."
@@ -152,6 +157,35 @@ _JOB_FIELDS = {
 }
 
 
+@dataclass(frozen=True)
+class Office:
+    """The medium's office (docs/dbus.md, "The office"), as the daemon last described it;
+    sessions by name."""
+
+    state: str = "absent"
+    server: str = ""
+    desktops: tuple[str, ...] = ()
+    started: float = 0.0
+    counters: dict[str, Any] = field(default_factory=dict)
+    workers: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+_OFFICE_FIELDS = {"State": "state", "Server": "server", "Desktops": "desktops", "Started": "started",
+                  "Counters": "counters", "Workers": "workers"}
+
+
+def _office_values(props: Mapping[str, Any]) -> dict[str, Any]:
+    """Object paths as session names, as the rest of the client has them."""
+    out = dict(props)
+    if "Server" in out:
+        out["Server"] = str(out["Server"]).rsplit("/", 1)[-1] if out["Server"] != "/" else ""
+    if "Desktops" in out:
+        out["Desktops"] = tuple(str(p).rsplit("/", 1)[-1] for p in out["Desktops"])
+    if "Workers" in out:
+        out["Workers"] = {k: tuple(v) for k, v in out["Workers"].items()}
+    return out
+
+
 def _apply(obj: Any, fields: Mapping[str, str], props: Mapping[str, Any]) -> tuple[Any, list[str]]:
     """A copy of ``obj`` with the D-Bus properties it knows; the names that changed."""
     changes: dict[str, Any] = {}
@@ -238,6 +272,7 @@ def describe_error(name: str, message: str, flavour: str, sessions: Mapping[str,
         "NoSuchTarget": "That is not a disk",
         "TargetRefused": "That disk cannot be used",
         "NoSuchJob": "That install request is gone",
+        "NoOffice": "This medium has no office",
     }
     head = meanings.get(short, f"{title}: {short}")
     return f"{head}: {message}" if message else head
@@ -271,6 +306,8 @@ class SessionsClient(GObject.Object):
         "job-added": (GObject.SignalFlags.RUN_LAST, None, (str,)),
         "job-changed": (GObject.SignalFlags.RUN_LAST, None, (str, object)),
         "job-removed": (GObject.SignalFlags.RUN_LAST, None, (str,)),
+        "office-changed": (GObject.SignalFlags.RUN_LAST, None, (object,)),
+        "office-activity": (GObject.SignalFlags.RUN_LAST, None, (object,)),
     }
 
     def __init__(self, address: str | None = None):
@@ -281,6 +318,10 @@ class SessionsClient(GObject.Object):
         self.sessions: dict[str, Session] = {}   # name -> snapshot, in restore order
         self.jobs: dict[str, Job] = {}           # path -> install job
         self.manager = Manager()
+        #: the medium's office; None when it has none (or the daemon is away)
+        self.office: Office | None = None
+        #: the office's latest activity, oldest first: (time, session name, kind, id)
+        self.activity: list[tuple[float, str, str, str]] = []
         self._watch_id = 0
         self._subscriptions: list[int] = []
         self._load_serial = 0              # a newer owner makes older answers stale
@@ -301,7 +342,8 @@ class SessionsClient(GObject.Object):
         self.con.set_exit_on_close(False)
         for iface, member, path in ((PROPERTIES_IFACE, "PropertiesChanged", None),
                                     (OBJECT_MANAGER_IFACE, "InterfacesAdded", MANAGER_PATH),
-                                    (OBJECT_MANAGER_IFACE, "InterfacesRemoved", MANAGER_PATH)):
+                                    (OBJECT_MANAGER_IFACE, "InterfacesRemoved", MANAGER_PATH),
+                                    (OFFICE_IFACE, "Activity", OFFICE_PATH)):
             # sender is the well-known name: the bus daemon delivers what its owner sends
             self._subscriptions.append(self.con.signal_subscribe(
                 BUS_NAME, iface, member, path, None, Gio.DBusSignalFlags.NONE, self._on_signal))
@@ -345,6 +387,9 @@ class SessionsClient(GObject.Object):
         for path in list(self.jobs):
             del self.jobs[path]
             self.emit("job-removed", path)
+        if self.office is not None:
+            self.office = None
+            self.emit("office-changed", list(_OFFICE_FIELDS))
         if was:
             log.info("%s left the bus", name)
             self.emit("disconnected")
@@ -368,7 +413,22 @@ class SessionsClient(GObject.Object):
             self.emit("job-removed", path)
         for path, props in jobs.items():
             self._put_job(path, props)
+        office = objects.get(OFFICE_PATH, {}).get(OFFICE_IFACE)
+        self._put_office(office)
         self.emit("connected")
+
+    def _put_office(self, props: Mapping[str, Any] | None) -> None:
+        """The office as listed (None: the medium has none), or what changed of it."""
+        if props is None:
+            if self.office is not None:
+                self.office = None
+                self.emit("office-changed", list(_OFFICE_FIELDS))
+            return
+        self.office, names = _apply(self.office or Office(), _OFFICE_FIELDS, _office_values(props))
+        if props.get("State") == "idle":
+            self.activity = []
+        if names:
+            self.emit("office-changed", names)
 
     def _put_job(self, path: str, props: Mapping[str, Any]) -> None:
         job, names = _apply(self.jobs.get(path, Job(path)), _JOB_FIELDS, props)
@@ -420,12 +480,21 @@ class SessionsClient(GObject.Object):
                     self.emit("manager-changed", names)
             elif target_iface == JOB_IFACE and path in self.jobs:
                 self._put_job(path, changed)
+            elif target_iface == OFFICE_IFACE and self.office is not None:
+                self._put_office(changed)
+        elif signal == "Activity":
+            at, session, kind, item = params.unpack()
+            record = (float(at), str(session).rsplit("/", 1)[-1], str(kind), str(item))
+            self.activity = (self.activity + [record])[-200:]
+            self.emit("office-activity", record)
         elif signal == "InterfacesAdded":
             obj, ifaces = params.unpack()
             if SESSION_IFACE in ifaces:
                 self._put(self._session_from(obj, ifaces[SESSION_IFACE]))
             if JOB_IFACE in ifaces:
                 self._put_job(obj, ifaces[JOB_IFACE])
+            if OFFICE_IFACE in ifaces and obj == OFFICE_PATH:
+                self._put_office(ifaces[OFFICE_IFACE])
         elif signal == "InterfacesRemoved":
             obj, ifaces = params.unpack()
             name = obj.rsplit("/", 1)[-1]
@@ -461,6 +530,11 @@ class SessionsClient(GObject.Object):
         args = GLib.Variant("(s)", (disk,)) if method == "Confirm" else None
         self._call(path, JOB_IFACE, method, args, "()", (lambda reply: done()) if done else None,
                    f"install {method}", job.flavour if job else "")
+
+    def office_call(self, method: str, done: Callable[[], None] | None = None) -> None:
+        """One of the Office methods: Start, Pause, Reset."""
+        self._call(OFFICE_PATH, OFFICE_IFACE, method, None, "()", (lambda reply: done()) if done else None,
+                   f"office {method}", "")
 
     def get_picture(self, flavour: str, max_width: int, done: Callable[[bytes, str], None],
                     failed: Callable[[str], None] | None = None) -> None:

@@ -4,7 +4,8 @@ Pages of one :class:`Gtk.Stack`:
 
 * ``chooser``  the cards (:mod:`.chooser`);
 * ``console``  one session's display filling the window (:mod:`.console`);
-* ``split``    two or more displays side by side, each live, each able to take the keyboard.
+* ``split``    two or more displays side by side, each live, each able to take the keyboard;
+* ``office``   the office's server and desktops side by side under its controls (:mod:`.office`).
 
 The host key (:data:`~.console.HOST_KEY`, Ctrl+Alt+Home) is caught by the
 window before any display sees it, so it brings the chooser back even while a
@@ -30,6 +31,7 @@ from gi.repository import Gdk, GLib, Gtk  # noqa: E402
 from .chooser import Chooser  # noqa: E402
 from .client import ACTIVE_STATES, CallError, SessionsClient  # noqa: E402
 from .install import InstallDialog  # noqa: E402
+from .office import OfficeBar  # noqa: E402
 from .console import HOST_KEY, HOST_KEY_LABEL, ConsoleView  # noqa: E402
 
 __all__ = ["MainWindow", "main"]
@@ -90,6 +92,14 @@ class MainWindow(Gtk.Window):
         self.stack.add_named(self.console_page, "console")
         self.split_page = Gtk.Grid(row_homogeneous=True, column_homogeneous=True, row_spacing=4, column_spacing=4)
         self.stack.add_named(self.split_page, "split")
+        self.chooser.connect("office", lambda _c: self.show_office())
+        self.office_page = Gtk.Box(orientation=Gtk.Orientation.VERTICAL)
+        self.office_bar = OfficeBar(client)
+        self.office_bar.connect("back", lambda _b: self.show_chooser())
+        self.office_page.pack_start(self.office_bar, False, False, 0)
+        self.office_grid = Gtk.Grid(row_homogeneous=True, column_homogeneous=True, row_spacing=4, column_spacing=4)
+        self.office_page.pack_start(self.office_grid, True, True, 0)
+        self.stack.add_named(self.office_page, "office")
 
         self.connect("key-press-event", self._on_key)
         client.connect("call-failed", lambda _c, err: self.show_error(err))
@@ -146,16 +156,35 @@ class MainWindow(Gtk.Window):
         if not names:
             self.show_message("Nothing to show side by side: no session runs yet.", Gtk.MessageType.INFO)
             return []
+        self._side_by_side(self.split_page, names)
+        self.stack.set_visible_child_name("split")
+        self.consoles[0].take_keyboard()
+        return list(self.consoles)
+
+    def _side_by_side(self, grid: Gtk.Grid, names: Sequence[str]) -> None:
+        """A live display of each session in ``grid``, up to two rows (consoles dropped first)."""
         columns = max(1, math.ceil(len(names) / 2)) if len(names) > 2 else len(names)
         for i, name in enumerate(names):
             view = ConsoleView(self.client, name, split=True)
             view.connect("back", lambda _v: self.show_chooser())
             view.connect("full-window", lambda v: self.show_console(v.name))
-            self.split_page.attach(view, i % columns, i // columns, 1, 1)
+            grid.attach(view, i % columns, i // columns, 1, 1)
             self.consoles.append(view)
-        self.split_page.show_all()
-        self.stack.set_visible_child_name("split")
-        self.consoles[0].take_keyboard()
+        grid.show_all()
+
+    def show_office(self) -> list[ConsoleView]:
+        """The office: its server's and desktops' displays side by side (each shown once its
+        session runs: Start makes them run) under Start, Pause, Reset and its status line."""
+        self._auto_show = False
+        self._drop_consoles()
+        office = self.client.office
+        if office is None:
+            self.show_message("This medium has no office.", Gtk.MessageType.INFO)
+            return []
+        self._side_by_side(self.office_grid, [office.server, *office.desktops])
+        self.office_bar.update()
+        self.office_page.show_all()
+        self.stack.set_visible_child_name("office")
         return list(self.consoles)
 
     def show_chooser(self) -> None:

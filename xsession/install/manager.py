@@ -54,7 +54,7 @@ class InstallManager:
         self.jobs = Jobs(self._run)
         #: tests cancel halfway with it: called before each step of an install
         self.step_hook: Callable[[installer.Step], None] | None = None
-        engine.guest_messages = self._on_guest_message
+        engine.listen_guests(self._on_guest_message)
         self.jobs.subscribe(self._tell_guest)
 
     # -- guests ---------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def _master_xen(spec, args: argparse.Namespace) -> None:
                                 memory_mib=f.memory_mib, vcpus=f.vcpus)
              for f in spec.flavours]
     with tempfile.TemporaryDirectory(prefix="xsm-xen-") as work:
-        manifest = xen.master_medium(XenBackend(), specs, args.out / "xenubuntu", Path(work), default=spec.default)
+        manifest = xen.master_medium(XenBackend(), specs, args.out / "xenubuntu", Path(work), default=spec.default,
+                                      office=spec.office)
     write_boot_menu(manifest, args.out)
     print(f"medium written: {manifest.path} ({len(manifest.flavours)} Xen flavours, default {manifest.default})")
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..errors import ManifestError, PoolError
-from ..manifest import NICS, Flavour, Manifest, Statefile, manifest_to_dict, parse_manifest
+from ..manifest import NICS, Flavour, Manifest, OfficeLayout, Statefile, manifest_to_dict, parse_manifest, parse_office
 from ..cpumodel import FALLBACK_MODEL, choose_model, read_cpuinfo
 from ..netplan import NetworkMode, plan_network
 from ..network import NIC_ON_NETWORK, InternalNetwork
@@ -74,6 +74,8 @@ class MediumSpec:
     kernel: str
     cmdline: str
     disk_mib: int = 16
+    #: the medium's office (server and desktops), carried into its manifest as it is
+    office: OfficeLayout | None = None
 
 
 def load_spec(path: Path, memory_override: dict[str, int] | None = None) -> MediumSpec:
@@ -99,10 +101,15 @@ def load_spec(path: Path, memory_override: dict[str, int] | None = None) -> Medi
                 raise ValueError(f"nic of {f['name']} must be one of {', '.join(NICS)}")
         if any(not f.build for f in flavours) and "kernel" not in data:
             raise KeyError("kernel")
+        office = None
+        if "office" in data:  # checked now by the manifest's own rules: a mastering must not fail at its end
+            office = parse_office(data["office"], tuple(f.name for f in flavours), str(path))
         return MediumSpec(default=data.get("default", flavours[0].name), flavours=tuple(flavours),
                           kernel=data.get("kernel", ""),
                           cmdline=data.get("cmdline", "console=ttyS0 panic=-1 quiet"),
-                          disk_mib=int(data.get("disk_mib", 16)))
+                          disk_mib=int(data.get("disk_mib", 16)), office=office)
+    except ManifestError:
+        raise
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise ManifestError(str(path), f"is not a valid mastering spec: {e!r}") from e
 
@@ -258,7 +265,8 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
             network.close(teardown=True)
             shutil.rmtree(network.rundir, ignore_errors=True)
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    manifest = Manifest(path=str(root / "manifest.yaml"), default=spec.default, flavours=flavours, created=created)
+    manifest = Manifest(path=str(root / "manifest.yaml"), default=spec.default, flavours=flavours, created=created,
+                        office=spec.office)
     text = "# XenUbuntu medium manifest, written by xsession-master\n" + yaml.safe_dump(
         manifest_to_dict(manifest), sort_keys=False)
     manifest = parse_manifest(text, str(root / "manifest.yaml"))  # what we write must load

@@ -31,7 +31,8 @@ import yaml
 
 from ..errors import HypervisorError
 from ..hypervisor.xen import XenBackend
-from ..manifest import ColdBoot, Flavour, MachineConfig, Manifest, Statefile, manifest_to_dict, parse_manifest
+from ..manifest import (ColdBoot, Flavour, MachineConfig, Manifest, OfficeLayout, Statefile, manifest_to_dict,
+                        parse_manifest)
 
 __all__ = ["XenFlavourSpec", "master_flavour", "master_medium", "compress", "POOL", "STATE_NAME"]
 
@@ -129,7 +130,7 @@ def master_flavour(backend: XenBackend, spec: XenFlavourSpec, root: Path, workdi
 
 
 def master_medium(backend: XenBackend, specs: Sequence[XenFlavourSpec], root: Path, workdir: Path,
-                  default: str | None = None) -> Manifest:
+                  default: str | None = None, office: OfficeLayout | None = None) -> Manifest:
     """Master every flavour (one at a time: each save needs the memory of a whole guest)
     and write ``root/manifest.yaml``; returns the manifest as the manager will read it.
 
@@ -141,7 +142,7 @@ def master_medium(backend: XenBackend, specs: Sequence[XenFlavourSpec], root: Pa
     flavours = tuple(master_flavour(backend, spec, root, workdir) for spec in specs)
     path = root / "manifest.yaml"
     manifest = Manifest(path=str(path), default=default or min(flavours, key=lambda f: f.priority).name,
-                        flavours=flavours,
+                        flavours=flavours, office=office,
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     text = yaml.safe_dump(manifest_to_dict(manifest), sort_keys=False)
     parse_manifest(text, str(path))  # what we write must be what the manager accepts
