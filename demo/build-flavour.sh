@@ -57,6 +57,12 @@ verify_entry() {  # $1 = folder
       qemu-img check -q "$d/$file" >/dev/null 2>&1 || return 1
     fi
   done < "$d/MANIFEST"
+  # a disk layer's common system (in the cache, next to the build) must be whole too
+  if [ -f "$d/root.qcow2" ]; then
+    local backing
+    backing=$(qemu-img info --output=json "$d/root.qcow2" | sed -n 's/.*"full-backing-filename": "\(.*\)".*/\1/p')
+    [ -z "$backing" ] || qemu-img check -q "$backing" >/dev/null 2>&1 || return 1
+  fi
 }
 
 write_manifest() {  # $1 = folder
@@ -180,7 +186,7 @@ fi
 lock 8 "$CACHE/.lock"
 
 # Builds that were interrupted left their folders; nobody else builds while we hold the lock.
-for stale in "$CACHE"/.build-* "$CACHE"/.base.*; do
+for stale in "$CACHE"/.build-* "$CACHE"/.base.* "$CACHE"/.common.*; do
   [ -e "$stale" ] && rm -rf --one-file-system "$stale"
 done
 BUILD_WORKDIR=$(mktemp -d "$CACHE/.build-$NAME-$KEY.XXXXXX")

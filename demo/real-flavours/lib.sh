@@ -200,16 +200,87 @@ finish_root() {
 
 kernel_version() { ls "$ROOT"/boot/vmlinuz-* | sed 's/.*vmlinuz-//' | sort -V | tail -n 1; }
 
-# The installed system as a disk: raw ext4 filled by mkfs.ext4 -d (no loop
-# mount), converted to qcow2. Room to spare: used + 25% + 256 MiB.
-make_disk() {  # $1 = output qcow2
-  local used size raw=$OUTDIR/.root.img
-  used=$(du -sx --block-size=1M "$ROOT" | cut -f1)
+# The system every disk flavour shares, as one disk image in the cache: the
+# base with COMMON_PACKAGES, configured as any flavour is, with no packages of
+# its own. A disk flavour's image is a qcow2 layer over it holding only what the
+# flavour changed, so a medium carries the shared part once (docs/flavours.md).
+common_key() {
+  { for f in "$DEMO/build-flavour.sh" "$RECIPES/lib.sh"; do sha256sum < "$f"; done
+    echo "$SUITE $MIRROR $SECMIRROR"; index_identity
+  } | sha256sum | cut -c1-12
+}
+
+# ext4 filled by mkfs.ext4 -d from a tree (no loop mount), as qcow2. Room to
+# spare: used + 25% + 256 MiB.
+tree_to_qcow2() {  # $1 = tree, $2 = output qcow2, $3 = scratch folder
+  local used size raw=$3/.root.img
+  used=$(du -sx --block-size=1M "$1" | cut -f1)
   size=$((used * 5 / 4 + 256))
   truncate -s "${size}M" "$raw"
-  mkfs.ext4 -q -F -L root -E lazy_itable_init=0,lazy_journal_init=0 -d "$ROOT" "$raw" >>"$BUILD_LOG" 2>&1
-  qemu-img convert -O qcow2 "$raw" "$1"
+  mkfs.ext4 -q -F -L root -E lazy_itable_init=0,lazy_journal_init=0 -d "$1" "$raw" >>"$BUILD_LOG" 2>&1
+  qemu-img convert -O qcow2 "$raw" "$2"
   rm -f "$raw"
+}
+
+ensure_common_image() {  # prints the image's path; the caller holds the cache's lock
+  local key img tmp
+  key=$(common_key)
+  img=$CACHE/common-$key.qcow2
+  if [ -s "$img" ] && qemu-img check -q "$img" >/dev/null 2>&1; then echo "$img"; return; fi
+  log_progress "common system shared by the disk flavours (key $key)"
+  tmp=$(mktemp -d "$CACHE/.common.XXXXXX")
+  (
+    ROOT=$tmp/root NAME=common
+    mkdir -p "$ROOT"
+    zstd -q -dc "$(ensure_base)" | tar --numeric-owner --xattrs --acls -C "$ROOT" -xpf -
+    chroot_mounts "$ROOT"
+    trap 'chroot_umounts "$ROOT"' EXIT
+    setup_apt
+    install_packages $COMMON_PACKAGES
+    common_configure
+    prune_modules "$(kernel_version)"
+    finish_root
+    chroot_umounts "$ROOT"
+    trap - EXIT
+    rm -f "$ROOT"/var/cache/apt/archives/*.deb
+    tree_to_qcow2 "$ROOT" "$tmp/common.qcow2" "$tmp"
+  ) >&2
+  chmod a-w "$tmp/common.qcow2"
+  mv "$tmp/common.qcow2" "$img"
+  rm -rf --one-file-system "$tmp"
+  echo "$img"
+}
+
+# The installed system as a disk: a qcow2 layer over the common image. The layer
+# is exported as a file (qemu-storage-daemon's FUSE export), its ext4 grown to
+# the flavour's size and mounted in user space (fuse2fs), and the flavour's tree
+# copied onto it by rsync comparing contents: files the common system has alike
+# stay where they are, in the common image; the rest lands in the layer.
+make_disk() {  # $1 = output qcow2
+  local common used size common_size layer=$WORKDIR/layer.img fs=$WORKDIR/fs
+  common=$(ensure_common_image)
+  used=$(du -sx --block-size=1M "$ROOT" | cut -f1)
+  size=$((used * 5 / 4 + 256))
+  common_size=$(( $(qemu-img info --output=json "$common" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p') >> 20 ))
+  [ "$size" -ge "$common_size" ] || size=$common_size
+  qemu-img create -q -f qcow2 -F qcow2 -b "$common" "$1" "${size}M"
+  : > "$layer"
+  qemu-storage-daemon --daemonize --pidfile "$WORKDIR/qsd.pid" \
+    --blockdev driver=file,node-name=file,filename="$1" \
+    --blockdev driver=qcow2,node-name=layer,file=file,discard=unmap,detect-zeroes=unmap \
+    --export type=fuse,id=layer,node-name=layer,mountpoint="$layer",writable=on >>"$BUILD_LOG" 2>&1
+  e2fsck -fy "$layer" >>"$BUILD_LOG" 2>&1 || true
+  resize2fs "$layer" "${size}M" >>"$BUILD_LOG" 2>&1
+  mkdir -p "$fs"
+  fuse2fs -o rw "$layer" "$fs" >>"$BUILD_LOG" 2>&1
+  rsync -aHAX --numeric-ids --delete --checksum "$ROOT"/ "$fs"/ >>"$BUILD_LOG" 2>&1
+  umount "$fs"
+  e2fsck -fn "$layer" >>"$BUILD_LOG" 2>&1
+  kill "$(cat "$WORKDIR/qsd.pid")"
+  while [ -e "/proc/$(cat "$WORKDIR/qsd.pid")" ]; do sleep 0.1; done
+  # named relative to the finished build's folder, next to the common image in the cache
+  qemu-img rebase -u -F qcow2 -b "../$(basename "$common")" "$1"
+  rm -f "$layer"
 }
 
 # The live system as a hybrid ISO (BIOS and EFI, CD or USB): the root as

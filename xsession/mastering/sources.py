@@ -32,7 +32,8 @@ from typing import Any
 from ..errors import ManifestError
 from ..manifest import ColdBoot, Disk, Flavour, MachineConfig
 
-__all__ = ["DEFAULT_MACHINE_TYPE", "BuiltFlavour", "read_build", "initrd_flavour", "built_flavour", "place"]
+__all__ = ["DEFAULT_MACHINE_TYPE", "SHARED_DIR", "BuiltFlavour", "read_build", "initrd_flavour", "built_flavour",
+           "place", "backing_file", "share_backing", "disk_layers"]
 
 DEFAULT_MACHINE_TYPE = "pc-i440fx-7.2"  # pinned: the `pc` alias moves with every QEMU release
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -148,15 +149,75 @@ def place(src: Path, dest: Path) -> None:
     shutil.copyfile(src, dest)
 
 
+#: the medium's folder (under ``xenubuntu/``) of the disk images that several flavours'
+#: own disk layers stand on: each is on the medium once, whatever uses it
+SHARED_DIR = "shared"
+
+
+def backing_file(image: Path) -> Path | None:
+    """The file a qcow2 image stands on (None for a whole image), as qemu-img finds it.
+
+    :raises ManifestError: qemu-img cannot read the image.
+    """
+    try:
+        done = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True,
+                              timeout=60, check=True)
+        info = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        raise ManifestError(str(image), f"qemu-img cannot read it: {e}") from e
+    name = info.get("full-backing-filename") or info.get("backing-filename")
+    return Path(name) if name else None
+
+
+def share_backing(backing: Path, shared: Path) -> Path:
+    """Put the image a flavour's disk layer stands on into the medium's shared folder, once
+    (a second flavour over the same image finds it there); its path on the medium.
+
+    :raises ManifestError: the shared image stands on another one (one level is all a
+        layer needs), or another image of that name is there already.
+    """
+    if backing_file(backing) is not None:
+        raise ManifestError(str(backing), "a shared disk image must be whole (it stands on another)")
+    shared.mkdir(parents=True, exist_ok=True)
+    dest = shared / backing.name
+    if dest.exists():
+        if dest.samefile(backing) or dest.stat().st_size == backing.stat().st_size and \
+                _same_bytes(dest, backing):
+            return dest
+        raise ManifestError(str(dest), f"another image of that name than {backing} is on the medium already")
+    place(backing, dest)
+    return dest
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def disk_layers(fdir: Path, base_size_mib: int | None = None, base_image: Path | None = None) -> None:
     """The disk base (a new empty one, or the build's image), the overlay that travels
-    with the statefile and an empty template of it copied for each session."""
+    with the statefile and an empty template of it copied for each session.
+
+    A build's image that is a layer over a common system brings that system to the
+    medium's shared folder (``xenubuntu/shared/``, beside ``flavours/``), once for all
+    the flavours over it, and names it relative to its own place there."""
     for f in ("disk-base.qcow2", "disk-saved.qcow2", "disk-session.qcow2"):
         (fdir / f).unlink(missing_ok=True)
     if base_image is not None:
         with open(base_image, "rb") as f:
             qcow2 = f.read(4) == b"QFI\xfb"
-        if qcow2:
+        backing = backing_file(base_image) if qcow2 else None
+        if backing is not None:
+            shared = share_backing(backing, fdir.parent.parent / SHARED_DIR)
+            shutil.copyfile(base_image, fdir / "disk-base.qcow2")  # its own: its header is rewritten
+            subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", os.path.relpath(shared, fdir),
+                            "disk-base.qcow2"], cwd=fdir, check=True)
+        elif qcow2:
             place(base_image, fdir / "disk-base.qcow2")
         else:
             subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(base_image), "disk-base.qcow2"],
