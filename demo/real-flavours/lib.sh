@@ -257,7 +257,7 @@ ensure_common_image() {  # prints the image's path; the caller holds the cache's
 # copied onto it by rsync comparing contents: files the common system has alike
 # stay where they are, in the common image; the rest lands in the layer.
 make_disk() {  # $1 = output qcow2
-  local common used size common_size layer=$WORKDIR/layer.img fs=$WORKDIR/fs
+  local common used size common_size qsd layer=$WORKDIR/layer.img fs=$WORKDIR/fs
   common=$(ensure_common_image)
   used=$(du -sx --block-size=1M "$ROOT" | cut -f1)
   size=$((used * 5 / 4 + 256))
@@ -276,8 +276,9 @@ make_disk() {  # $1 = output qcow2
   rsync -aHAX --numeric-ids --delete --checksum "$ROOT"/ "$fs"/ >>"$BUILD_LOG" 2>&1
   umount "$fs"
   e2fsck -fn "$layer" >>"$BUILD_LOG" 2>&1
-  kill "$(cat "$WORKDIR/qsd.pid")"
-  while [ -e "/proc/$(cat "$WORKDIR/qsd.pid")" ]; do sleep 0.1; done
+  qsd=$(cat "$WORKDIR/qsd.pid")
+  kill "$qsd"
+  while kill -0 "$qsd" 2>/dev/null; do sleep 0.1; done  # its writes are all in the layer file
   # named relative to the finished build's folder, next to the common image in the cache
   qemu-img rebase -u -F qcow2 -b "../$(basename "$common")" "$1"
   rm -f "$layer"
