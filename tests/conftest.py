@@ -17,6 +17,7 @@ from xsession.demomedia import ensure_demo_medium
 from xsession.manifest import MANIFEST_RELPATH, Manifest, load_manifest
 
 from .guestlib import qemu_pids_under
+from .netlib import Netns
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -33,6 +34,24 @@ def pytest_runtest_makereport(item, call):
 def demo_medium() -> Path:
     """The demo medium (four flavours), built once and cached under .cache/."""
     return ensure_demo_medium(report=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def desktop_medium() -> Path:
+    """The medium of the real flavours (machine-wide cache; built and mastered the first
+    time, which takes several minutes, see ``xsession.demomedia``)."""
+    from xsession.demomedia import ensure_desktop_medium
+    return ensure_desktop_medium(report=lambda line: None)
+
+
+@pytest.fixture
+def dom0() -> Iterator[Netns]:
+    """A network namespace of the test's own, where a manager sets up dom0's network."""
+    ns = Netns("dom0")
+    try:
+        yield ns
+    finally:
+        ns.close()
 
 
 @pytest.fixture

@@ -32,11 +32,6 @@ FLAVOURS = ("xubuntu", "lubuntu", "server")
 HEARTBEAT_S = 60.0
 
 
-@pytest.fixture(scope="session")
-def desktop_medium() -> Path:
-    from xsession.demomedia import ensure_desktop_medium
-    return ensure_desktop_medium(report=lambda line: None)
-
 
 @pytest.fixture
 def dmedium(desktop_medium: Path, tmp_path: Path) -> Path:

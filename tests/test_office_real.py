@@ -15,11 +15,10 @@ Uses the desktop medium (machine-wide cache, see ``xsession.demomedia``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from gi.repository import GLib
 
 from xsession.hypervisor.qga import GuestAgent
@@ -35,19 +34,6 @@ from .netlib import Netns
 WORK_S = 420.0
 
 
-@pytest.fixture(scope="session")
-def desktop_medium() -> Path:
-    from xsession.demomedia import ensure_desktop_medium
-    return ensure_desktop_medium(report=lambda line: None)
-
-
-@pytest.fixture
-def dom0() -> Iterator[Netns]:
-    ns = Netns("dom0")
-    try:
-        yield ns
-    finally:
-        ns.close()
 
 
 def _in_guest(runtime_dir: Path, name: str, script: str, timeout: float = 60.0) -> str:

@@ -8,10 +8,8 @@ Uses the desktop medium (machine-wide cache, see ``xsession.demomedia``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from xsession.hypervisor.qga import GuestAgent
 from xsession.manifest import MANIFEST_RELPATH, load_manifest
@@ -25,19 +23,6 @@ from .netlib import Netns, host_links
 EXTRA = "fonts-dejavu-core"
 
 
-@pytest.fixture(scope="session")
-def desktop_medium() -> Path:
-    from xsession.demomedia import ensure_desktop_medium
-    return ensure_desktop_medium(report=lambda line: None)
-
-
-@pytest.fixture
-def dom0() -> Iterator[Netns]:
-    ns = Netns("dom0")
-    try:
-        yield ns
-    finally:
-        ns.close()
 
 
 def _in_guest(agent: GuestAgent, script: str, timeout: float = 300.0) -> tuple[int, str]:
