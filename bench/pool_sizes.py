@@ -1,10 +1,13 @@
-"""The desktop medium's size with and without its shared package pool.
+"""The desktop medium's size with and without its sharing: the package pool and the disk
+flavours' common system.
 
 Sizes are the files' own (apparent) sizes, as a DVD image would hold them; a file
 hard-linked twice on the medium counts twice, as it would on a disc. "Each
 flavour its own packages" is what the flavours' packages would take if every
 flavour carried its own copy of each package it has installed (the pool stores
-each name, version and architecture once).
+each name, version and architecture once). "Each disk flavour a whole image" is
+what ``qemu-img measure`` says a flavour's disk would take as one qcow2 image
+without the common system it stands on (``xenubuntu/shared/``).
 
     .venv/bin/python bench/pool_sizes.py [--record]
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +26,27 @@ from bench.benchlib import machine, record  # noqa: E402
 
 def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _whole_image_bytes(image: Path) -> int:
+    """What the image's chain would take as one qcow2 image (its data, no backing file)."""
+    out = subprocess.run(["qemu-img", "measure", "--output=json", "-O", "qcow2", str(image)], check=True,
+                         capture_output=True, text=True).stdout
+    return int(json.loads(out)["required"])
+
+
+def disk_sharing(root: Path) -> tuple[int, int, list[str]]:
+    """(bytes of the disk layers and the shared images, bytes as whole images, names)."""
+    shared = root / "shared"
+    layered = whole = 0
+    names = []
+    for base in sorted(root.glob("flavours/*/disk-base.qcow2")):
+        layered += base.stat().st_size
+        whole += _whole_image_bytes(base)
+        names.append(base.parent.name)
+    if shared.is_dir():
+        layered += _bytes(shared)
+    return layered, whole, names
 
 
 def table(medium: Path) -> str:
@@ -34,6 +59,8 @@ def table(medium: Path) -> str:
     per = ", ".join(f"{n} {c} packages / {report['per_flavour_bytes'][n] / 1e6:.0f} MB"
                     for n, c in report["per_flavour_packages"].items())
     mb = 1e6
+    layered, whole, disks = disk_sharing(root)
+    neither = without + report["bytes_without_sharing"] - layered + whole
     return "\n".join([
         machine(),
         "Command: `.venv/bin/python bench/pool_sizes.py --record` on the mastered desktop medium.",
@@ -46,6 +73,10 @@ def table(medium: Path) -> str:
         f"| packages if each flavour carried its own ({per}) | {report['bytes_without_sharing'] / mb:.0f} |",
         f"| medium with each flavour's own packages instead | {(without + report['bytes_without_sharing']) / mb:.0f} |",
         f"| saved by sharing | {(report['bytes_without_sharing'] - report['bytes']) / mb:.0f} |",
+        f"| disk images: layers of {', '.join(disks)} and their common system once | {layered / mb:.0f} |",
+        f"| disk images: each disk flavour a whole image | {whole / mb:.0f} |",
+        f"| saved by the common system | {(whole - layered) / mb:.0f} |",
+        f"| **medium with neither sharing** | **{neither / mb:.0f}** |",
     ])
 
 
@@ -60,7 +91,7 @@ def main() -> int:
     text = table(args.medium)
     print(text)
     if args.record:
-        record("The medium's shared package pool", text)
+        record("The medium's sharing: package pool and common system", text)
     return 0
 
 
