@@ -9,13 +9,13 @@ import pytest
 from .buslib import Client
 from .conftest import ARTIFACTS
 from .guilib import distinct_colours, pump, screenshot, settle
-from .test_desktops import FLAVOURS, desktop_medium  # noqa: F401 - the fixture
+from .test_desktops import FLAVOURS
 
 SHOTS = ARTIFACTS / "desktops"
 
 
 @pytest.fixture
-def desktop_daemon(private_bus, xsessiond, desktop_medium):  # noqa: F811 - the imported fixture
+def desktop_daemon(private_bus, xsessiond, desktop_medium):
     xsessiond("xenubuntu.restore=eager xenubuntu.flavour=xubuntu", medium_path=desktop_medium)
     client = Client(private_bus)
     for name in FLAVOURS:
