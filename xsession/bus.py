@@ -50,6 +50,7 @@ __all__ = [
     "BUS_NAME", "MANAGER_PATH", "SESSION_PATH", "MANAGER_IFACE", "SESSION_IFACE", "OBJECT_MANAGER_IFACE",
     "ACTION_MANAGE", "ACTION_ADMINISTER", "INVALID_ARGS", "API_VERSION", "ACTIVATE_OPTIONS",
     "InvalidArgs", "dbus_error_name", "introspection_xml", "session_path", "to_variant", "vardict",
+    "property_variant", "typed_properties", "emit",
     "Facts", "Authorizer", "SessionsService",
 ]
 
@@ -189,6 +190,31 @@ def to_variant(value: Any) -> GLib.Variant:
 
 def vardict(values: Mapping[str, Any]) -> dict[str, GLib.Variant]:
     return {clean_text(str(k)): to_variant(v) for k, v in values.items()}
+
+
+def property_variant(info: Gio.DBusInterfaceInfo, prop: str, value: Any) -> GLib.Variant:
+    """A property's value as the variant of the type the introspection data gives it."""
+    sig = info.lookup_property(prop).signature
+    if sig == "a{sv}":
+        return GLib.Variant("a{sv}", vardict(value))
+    if sig == "s":
+        return GLib.Variant("s", clean_text(value))
+    if sig == "as":
+        return GLib.Variant("as", [clean_text(v) for v in value])
+    return GLib.Variant(sig, value)
+
+
+def typed_properties(info: Gio.DBusInterfaceInfo, props: Mapping[str, Any]) -> dict[str, GLib.Variant]:
+    """Properties as variants of the types the introspection data gives them."""
+    return {k: property_variant(info, k, v) for k, v in props.items()}
+
+
+def emit(con: Gio.DBusConnection, path: str, iface: str, signal: str, args: GLib.Variant) -> None:
+    """Send a signal; a connection closed at shutdown is no error (logged for debugging)."""
+    try:
+        con.emit_signal(None, path, iface, signal, args)
+    except GLib.Error as e:
+        log.debug("cannot emit %s on %s: %s", signal, path, e.message)
 
 
 def introspection_xml() -> str:
@@ -384,10 +410,7 @@ class SessionsService:
         self._registrations.clear()
 
     def _emit(self, path: str, iface: str, signal: str, args: GLib.Variant) -> None:
-        try:
-            self.con.emit_signal(None, path, iface, signal, args)
-        except GLib.Error as e:  # a closed connection at shutdown
-            log.debug("cannot emit %s on %s: %s", signal, path, e.message)
+        emit(self.con, path, iface, signal, args)
 
     # -- properties ----------------------------------------------------------------
     def _session_props(self, name: str) -> dict[str, Any]:
@@ -395,18 +418,10 @@ class SessionsService:
         return _session_properties(self.engine.session(name))
 
     def _variant(self, iface: str, prop: str, value: Any) -> GLib.Variant:
-        info = self._ifaces[iface].lookup_property(prop)
-        if info.signature == "a{sv}":
-            return GLib.Variant("a{sv}", vardict(value))
-        if info.signature == "s":
-            return GLib.Variant("s", clean_text(value))
-        if info.signature == "as":
-            return GLib.Variant("as", [clean_text(v) for v in value])
-        return GLib.Variant(info.signature, value)
+        return property_variant(self._ifaces[iface], prop, value)
 
     def _typed(self, iface: str, props: Mapping[str, Any]) -> dict[str, GLib.Variant]:
-        """Properties as variants of the types the introspection data gives them."""
-        return {k: self._variant(iface, k, v) for k, v in props.items()}
+        return typed_properties(self._ifaces[iface], props)
 
     def _get_manager_property(self, con: Gio.DBusConnection, sender: str, path: str, iface: str,
                               prop: str) -> GLib.Variant:

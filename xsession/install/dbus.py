@@ -141,18 +141,12 @@ class InstallService:
                        GLib.Variant("(bs)", (view.state.value == "done", view.error)))
 
     def _emit(self, path: str, iface: str, signal: str, args: GLib.Variant) -> None:
-        try:
-            self.con.emit_signal(None, path, iface, signal, args)
-        except GLib.Error as e:
-            log.debug("cannot emit %s on %s: %s", signal, path, e.message)
+        from ..bus import emit
+        emit(self.con, path, iface, signal, args)
 
     def _typed(self, props: dict[str, Any]) -> dict[str, GLib.Variant]:
-        from ..bus import clean_text
-        out = {}
-        for k, v in props.items():
-            sig = self._iface.lookup_property(k).signature
-            out[k] = GLib.Variant(sig, clean_text(v) if sig == "s" else v)
-        return out
+        from ..bus import typed_properties
+        return typed_properties(self._iface, props)
 
     def _get_property(self, con: Gio.DBusConnection, sender: str, path: str, iface: str,
                       prop: str) -> GLib.Variant:
