@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gi.repository import GLib
 
+from xsession.office.dbus import OFFICE_IFACE, OFFICE_PATH
 from xsession.bus import introspection_xml
 from xsession.install.dbus import JOB_IFACE
 from xsession.sdnotify import Notifier
@@ -92,7 +93,14 @@ CALLS = {
     (JOB_IFACE, "Cancel"): [],
     (JOB_IFACE, "Confirm"): ["'LOOP'"],
     (SESSION_IFACE, "Stop"): [],
+    # the demo medium has no office: its object answers, with the named error where it must
+    (OFFICE_IFACE, "ListActivity"): [],
+    (OFFICE_IFACE, "Start"): [],
+    (OFFICE_IFACE, "Pause"): [],
+    (OFFICE_IFACE, "Reset"): [],
 }
+#: what a method answers on this medium instead of its declared type
+REFUSED = {(OFFICE_IFACE, m): "org.xenubuntu.Sessions1.Error.NoOffice" for m in ("Start", "Pause", "Reset")}
 
 
 def _new_job(client, serial: str) -> str:
@@ -124,10 +132,15 @@ def _call_every_method(private_bus, client, loop: str) -> None:
         path = f"{MANAGER_PATH}/session/kubuntu" if iface == SESSION_IFACE else MANAGER_PATH
         if iface == JOB_IFACE:
             path = job = _new_job(client, client.session("kubuntu")["Console"]["serial"])
+        if iface == OFFICE_IFACE:
+            path = OFFICE_PATH
         args = [a.replace("LOOP", loop) for a in CALLS[(iface, method)]]
         assert len(args) == len(ins)
         reply = gdbus(private_bus, "call", "--timeout", "20", "--dest", BUS_NAME, "--object-path", path,
                       "--method", f"{iface}.{method}", *args, timeout=60)
+        if (iface, method) in REFUSED:
+            assert reply.returncode != 0 and REFUSED[(iface, method)] in reply.stderr, reply.stderr
+            continue
         assert reply.returncode == 0, f"{iface}.{method}: {reply.stderr}"
         value = GLib.Variant.parse(GLib.VariantType(out_sig), reply.stdout.strip(), None, None)
         assert value.get_type_string() == out_sig
