@@ -163,3 +163,19 @@ def test_the_statefiles_key_follows_xen_and_not_the_rest_of_the_system(tmp_path)
     other = _system(tmp_path / "e", base + "xinit 1.4\n")
     (other.path / "xen.gz").write_bytes(b"another xen")
     assert key_of(xenmaster.hypervisor_inputs(other)) != first
+
+
+def test_a_crash_of_the_emulator_is_told_apart_from_a_hang_and_from_dom0s_own_end(tmp_path):
+    """Real processes stand where QEMU runs: one that dies of SIGSEGV (QEMU under TCG has
+    crashed so, rarely), one that hangs until the watchdog, one that prints dom0's end."""
+    from xsession.image.steps import StepContext, StepError
+    from xsession.image.xenmaster import EmulatorCrashed, _boot
+
+    ctx = StepContext(name="xen-statefiles", out=tmp_path, log=tmp_path / "step.log", report=lambda line: None)
+    with pytest.raises(EmulatorCrashed, match="signal 11"):
+        _boot(ctx, ["sh", "-c", "echo booting; kill -SEGV $$"], timeout=30)
+    with pytest.raises(StepError, match="did not finish") as hung:
+        _boot(ctx, ["sleep", "30"], timeout=0.5)
+    assert not isinstance(hung.value, EmulatorCrashed)
+    assert _boot(ctx, ["sh", "-c", "echo XENUBUNTU-MASTER status=3; sleep 30"], timeout=30) == 3
+    assert "booting" in ctx.log.read_text()

@@ -194,16 +194,29 @@ def qemu_argv(xen: Path, kernel: Path, initrd: Path, cd: Path, in_disk: Path, ou
             "-device", f"virtio-blk-pci,drive=out0,serial={OUT_SERIAL}"]
 
 
+class EmulatorCrashed(StepError):
+    """QEMU itself ended by a signal it was not sent (a crash of the emulator, not of dom0)."""
+
+
 def _boot(ctx: StepContext, argv: list[str], timeout: float) -> int:
-    """Run the machine to its end; the status dom0 printed (the console goes to the step's log)."""
+    """Run the machine to its end; the status dom0 printed (the console goes to the step's log).
+
+    :raises EmulatorCrashed: QEMU died of a signal of its own (TCG has crashed here, rarely).
+    :raises StepError: dom0 did not say it finished (a hang ends at ``timeout``).
+    """
     ctx.report(f"  {ctx.name}: mastering in the image's dom0 (QEMU, TCG)")
     t0 = time.monotonic()
     status = None
+    timed_out = threading.Event()
     with open(ctx.log, "a") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        watchdog = threading.Timer(timeout, proc.kill)  # a machine that hangs in silence ends too
+
+        def end() -> None:  # a machine that hangs in silence ends too
+            timed_out.set()
+            proc.kill()
+        watchdog = threading.Timer(timeout, end)
         watchdog.start()
         assert proc.stdout is not None
         try:
@@ -224,6 +237,9 @@ def _boot(ctx: StepContext, argv: list[str], timeout: float) -> int:
             proc.wait()
     ctx.timings["boot and master"] = round(time.monotonic() - t0, 1)
     if status is None:
+        if proc.returncode is not None and proc.returncode < 0 and not timed_out.is_set():
+            raise EmulatorCrashed(f"{ctx.name}: QEMU crashed (signal {-proc.returncode}) while dom0 was "
+                                  f"mastering\n{_tail(ctx.log)}")
         raise StepError(f"{ctx.name}: dom0 did not finish mastering (QEMU exit {proc.returncode})\n"
                         f"{_tail(ctx.log)}")
     return status
@@ -260,11 +276,18 @@ def master(cache: StepCache, system: Output, squash: Output, product: Output, sp
         in_disk = work / "in.tar"
         _in_tar(spec_path, files, in_disk)
         out_disk = work / "out.img"
-        with open(out_disk, "wb") as f:
-            f.truncate(OUT_DISK_MIB << 20)
         args = f"boot=casper xenubuntu.restore=off {MASTER_WORD} console=hvc0 init_on_alloc=0"
-        status = _boot(ctx, qemu_argv(xen, system.path / "vmlinuz", product.path / "initrd", cd, in_disk,
-                                      out_disk, args), timeout)
+        argv = qemu_argv(xen, system.path / "vmlinuz", product.path / "initrd", cd, in_disk, out_disk, args)
+        for attempt in (1, 2):  # an emulator that crashed gets one more boot, on a fresh disk
+            with open(out_disk, "wb") as f:
+                f.truncate(OUT_DISK_MIB << 20)
+            try:
+                status = _boot(ctx, argv, timeout)
+                break
+            except EmulatorCrashed as e:
+                if attempt == 2:
+                    raise
+                ctx.report(f"  {ctx.name}: {str(e).splitlines()[0]}; booting it again")
         if status != 0:
             raise StepError(f"{ctx.name}: mastering in dom0 failed (status {status})\n{_tail(ctx.log)}")
         manifest = unpack_medium(out_disk, ctx.out / "medium")
@@ -274,4 +297,5 @@ def master(cache: StepCache, system: Output, squash: Output, product: Output, sp
     return cache.step("xen-statefiles", key, build)
 
 
-__all__ = ["master", "dom0_commands", "unpack_medium", "qemu_argv", "MASTER_WORD", "DOM0_SCRIPT", "DOM0_UNIT"]
+__all__ = ["master", "dom0_commands", "unpack_medium", "qemu_argv", "EmulatorCrashed", "MASTER_WORD", "DOM0_SCRIPT",
+           "DOM0_UNIT"]
