@@ -85,7 +85,7 @@ mkcpio() { (cd "$1" && find . | "$BB" cpio -o -H newc 2>/dev/null | gzip -1) > "
 # --- the guest: busybox and an /init that prints a ready line and a counter
 mkdir -p "$G"/{bin,dev,proc,sys,lib/modules}
 cp "$BB" "$G/bin/busybox"
-for a in sh cat cut sleep mount echo stty ip udhcpc insmod; do ln -s busybox "$G/bin/$a"; done
+for a in sh cat cut sleep mount echo stty ip udhcpc insmod seq chmod printf; do ln -s busybox "$G/bin/$a"; done
 # its NIC, when the domain has a vif
 cp "$X/lib/modules/$KVER/kernel/drivers/net/xen-netfront.ko" "$G/lib/modules/"
 install -m 755 "$HERE/guest-init" "$G/init"
