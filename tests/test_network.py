@@ -253,3 +253,43 @@ def test_a_session_whose_tap_cannot_join_the_bridge_runs_unplugged_and_says_why(
     assert "ubuntu: runs without the internal network" in daemon.log_text()
     assert not reaches(_serial(runtime_dir, "ubuntu"), plan_network(["ubuntu"], NetworkMode.INTERNAL).dom0_address)
     client.close()
+
+
+_PLUG = """
+import subprocess, sys
+from pathlib import Path
+from xsession.errors import NetworkError
+from xsession.netplan import NetworkMode, plan_network
+from xsession.network import InternalNetwork
+net = InternalNetwork(plan_network(["gamma"], NetworkMode[sys.argv[2]]), Path(sys.argv[1]))
+net.up()
+subprocess.run(["ip", "link", "add", "vif7.0", "type", "veth", "peer", "name", "vif7peer"], check=True)
+print("plugged", net.plug("gamma", "vif7.0"))
+master = Path("/sys/class/net/vif7.0/master")
+print("master", master.resolve().name if master.exists() else "-")
+for name, vif in (("gamma", "vif8.0"), ("nosuch", "vif7.0")):
+    try:
+        net.plug(name, vif)
+    except NetworkError as e:
+        print("refused", e)
+net.close()
+"""
+
+
+@pytest.mark.parametrize("mode", ["INTERNAL", "OFF"])
+def test_a_xen_vif_goes_on_the_bridge_and_a_missing_one_or_a_stranger_is_refused(netns, tmp_path: Path, mode):
+    """Xen's network backend makes the vif (``vifDOMID.0``); the manager puts it on the
+    bridge, as it does a QEMU session's tap (here one end of a veth pair stands in for the vif,
+    made by the kernel as netback would). With the network off it stays unplugged."""
+    ns = Netns("plug")
+    netns.append(ns)
+    out = subprocess.run([*ns.wrap, sys.executable, "-c", _PLUG, str(tmp_path), mode], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    if mode == "OFF":
+        assert lines[:2] == ["plugged False", "master -"], lines
+    else:
+        assert lines[:2] == ["plugged True", f"master {plan_network(['gamma'], NetworkMode.INTERNAL).bridge}"], lines
+        assert "refused" in lines[2] and "vif8.0 is not there" in lines[2], lines
+        assert "refused" in lines[3] and "nosuch" in lines[3], lines

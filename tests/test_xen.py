@@ -141,3 +141,11 @@ def test_truncated_image_detected_then_cold_boot(run):
     assert "beta/state.xl.zst is unusable" in r["error"] and "truncated" in r["error"]
     assert r["domains_left"] == []
     assert r["cold_counters"][:2] == [1, 2] and r["console"] == "xenconsoled log"
+
+
+def test_a_flavour_on_the_internal_network_keeps_its_address_and_answers_after_a_restore(run):
+    """Mastered on dom0's bridge (dnsmasq's fixed lease), restored with its vif on the bridge
+    (the backend plugs it before the domain runs): it answers dom0 at the address it was saved
+    with; restored with no network it runs unplugged."""
+    r = result(run, "network")
+    assert r["saved_with"] == [r["lease"]] and r["vif_on"] == r["bridge"]

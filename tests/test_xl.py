@@ -11,6 +11,7 @@ import pytest
 from xsession.errors import HypervisorError
 from xsession.hypervisor import xl
 from xsession.hypervisor.xen import XenBackend, console_log_dir_from_config, xl_settings
+from xsession.netplan import guest_mac
 from xsession.manifest import ColdBoot, Flavour, MachineConfig, Manifest
 
 REC = Path(__file__).parent / "xen" / "recorded"
@@ -164,3 +165,15 @@ def test_console_log_dir_follows_xenconsoled_trace(tmp_path, monkeypatch):
     assert console_log_dir_from_config(tmp_path / "missing") is None
     monkeypatch.setenv("XENCONSOLED_TRACE", "all")
     assert console_log_dir_from_config(tmp_path / "missing") == Path("/var/log/xen/console")
+
+
+def test_a_flavour_on_the_internal_network_has_a_vif_with_its_own_mac_and_no_hotplug_script(tmp_path):
+    """The vif is part of the saved domain (plugged or not), the same MAC at save and
+    restore; the manager, not Xen's bash script, puts it on dom0's bridge."""
+    f, m = _flavour("pv")
+    assert "vif" not in xl_settings(f, m, tmp_path / "alpha")  # nic "none", the default
+    on_net = dataclasses.replace(f, machine=dataclasses.replace(f.machine, nic="internal"))
+    for rundir in (None, tmp_path / "alpha"):  # guest-visible: there whatever the run folder
+        assert xl_settings(on_net, m, rundir)["vif"] == [f"mac={guest_mac('alpha')},script=/bin/true"]
+    text = xl.write_config(tmp_path / "a.cfg", xl_settings(on_net, m)).read_text()
+    assert f'vif = ["mac={guest_mac("alpha")},script=/bin/true"]\n' in text

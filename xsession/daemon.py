@@ -165,8 +165,6 @@ class Daemon:
         from .netplan import POOL_PORT, NetworkMode
         from .network import network_for
         from .poolserver import PoolServer
-        if self.backend.name != "qemu":
-            return  # Xen's vifs on the bridge are not done yet
         try:
             net = network_for(manifest, self.options.network, self.config.runtime_dir / "network")
             if net is None:

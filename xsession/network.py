@@ -162,12 +162,29 @@ class InternalNetwork:
         tap = tap_name(name)
         if not _link_exists(tap):
             _run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], f"create the tap of {name}")
-        _run(["ip", "link", "set", tap, "master", self.plan.bridge], f"put {name}'s tap on the bridge")
-        _run(["ip", "link", "set", tap, "up"], f"bring {name}'s tap up")
+        self._on_bridge(name, tap, "tap")
         # without the virtio header the NIC offers the guest no offloads: its features then do
         # not depend on what it is plugged into, so a guest saved on the bridge also restores
         # unplugged (network off) or on another backend
         return f"tap,id=net0,ifname={tap},script=no,downscript=no,vnet_hdr=off"
+
+    def plug(self, name: str, vif: str) -> bool:
+        """Put a Xen session's vif (the link Xen's network backend made for its domain) on
+        the bridge and up. False when the network is off (the vif stays unplugged).
+
+        :raises NetworkError: not a flavour of this medium, or the vif is not there.
+        """
+        if self.plan.mode is NetworkMode.OFF:
+            return False
+        self.plan.lease(name)
+        if not _link_exists(vif):
+            raise NetworkError(name, f"its vif {vif} is not there (Xen made no network backend)")
+        self._on_bridge(name, vif, "vif")
+        return True
+
+    def _on_bridge(self, name: str, link: str, kind: str) -> None:
+        _run(["ip", "link", "set", link, "master", self.plan.bridge], f"put {name}'s {kind} on the bridge")
+        _run(["ip", "link", "set", link, "up"], f"bring {name}'s {kind} up")
 
     def close(self, teardown: bool = True) -> None:
         """Tear the network down (``teardown``), or leave it to the guests that outlive us."""

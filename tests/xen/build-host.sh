@@ -40,7 +40,11 @@ PKGS=(
   python3.11-minimal libpython3.11-minimal libpython3.11-stdlib python3-yaml libyaml-0-2
 )
 versions=$(for p in "${PKGS[@]}"; do echo "$p=$(candidate "$p")"; done)
-KEY=$( { echo "$versions"; cat "$HERE/build-host.sh" "$HERE/dom0-init" "$HERE/guest-init"; } | sha256sum | cut -c1-16)
+# dom0's internal network runs this machine's ip, nft and dnsmasq (as xsessiond does on a host)
+NET_TOOLS="/usr/bin/ip /usr/sbin/nft /usr/sbin/dnsmasq"
+net_versions=$(dpkg-query -W iproute2 nftables dnsmasq-base)
+KEY=$( { echo "$versions"; echo "$net_versions"; cat "$HERE/build-host.sh" "$HERE/dom0-init" "$HERE/guest-init"; } |
+       sha256sum | cut -c1-16)
 OUT=$CACHE/host-$KEY
 if gzip -t "$OUT/dom0.cpio.gz" 2>/dev/null && gzip -t "$OUT/guest.cpio.gz" 2>/dev/null; then echo "$OUT"; exit 0; fi
 
@@ -61,7 +65,15 @@ for p in "${PKGS[@]}"; do
   [ -n "$f" ] || { echo "build-host: $p $v was not downloaded" >&2; exit 1; }
   case $p in
     linux-image-*) dpkg-deb --fsys-tarfile "$f" |
-                   tar -x -C "$X" "./boot/vmlinuz-$KVER" "./lib/modules/$KVER/kernel/drivers/xen" ;;
+                   tar -x -C "$X" "./boot/vmlinuz-$KVER" "./lib/modules/$KVER/kernel/drivers/xen" \
+                     "./lib/modules/$KVER/kernel/drivers/net/xen-netback" \
+                     "./lib/modules/$KVER/kernel/drivers/net/xen-netfront.ko" \
+                     "./lib/modules/$KVER/kernel/net/bridge/bridge.ko" "./lib/modules/$KVER/kernel/net/802/stp.ko" \
+                     "./lib/modules/$KVER/kernel/net/llc/llc.ko" \
+                     "./lib/modules/$KVER/kernel/net/netfilter/nfnetlink.ko" \
+                     "./lib/modules/$KVER/kernel/net/netfilter/nf_tables.ko" \
+                     "./lib/modules/$KVER/kernel/lib/libcrc32c.ko" \
+                     "./lib/modules/$KVER/kernel/crypto/crc32c_generic.ko" ;;
     *)             dpkg-deb -x "$f" "$X" ;;
   esac
 done
@@ -71,9 +83,11 @@ cp "$X/boot/vmlinuz-$KVER" "$B/vmlinuz"
 mkcpio() { (cd "$1" && find . | "$BB" cpio -o -H newc 2>/dev/null | gzip -1) > "$2"; }
 
 # --- the guest: busybox and an /init that prints a ready line and a counter
-mkdir -p "$G"/{bin,dev,proc,sys}
+mkdir -p "$G"/{bin,dev,proc,sys,lib/modules}
 cp "$BB" "$G/bin/busybox"
-for a in sh cat cut sleep mount echo stty; do ln -s busybox "$G/bin/$a"; done
+for a in sh cat cut sleep mount echo stty ip udhcpc insmod seq chmod printf; do ln -s busybox "$G/bin/$a"; done
+# its NIC, when the domain has a vif
+cp "$X/lib/modules/$KVER/kernel/drivers/net/xen-netfront.ko" "$G/lib/modules/"
 install -m 755 "$HERE/guest-init" "$G/init"
 mkcpio "$G" "$B/guest.cpio.gz"
 
@@ -100,6 +114,10 @@ mkdir -p "$R/usr/lib/python3/dist-packages"
 cp -a "$X/usr/lib/python3.11" "$R/usr/lib/"
 cp -a "$X/usr/lib/python3/dist-packages/." "$R/usr/lib/python3/dist-packages/"
 rm -rf "$R/usr/lib/python3.11/test" "$R"/usr/lib/python3.11/lib-dynload/_test*
+for t in $NET_TOOLS; do cp -L "$t" "$R/usr/bin/"; done
+# dnsmasq gives up root for "nobody"
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$R/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' > "$R/etc/group"
 # the shared libraries of all that (libc, libz, libexpat, libssl, ...) from this machine
 { for b in "$R"/usr/lib/xen-4.17/bin/* "$R"/usr/bin/* "$R"/usr/libexec/* "$R"/usr/lib/python3.11/lib-dynload/*.so \
            "$R"/usr/lib/python3/dist-packages/*.so "$R"/usr/lib/python3/dist-packages/*/*.so; do
@@ -116,6 +134,11 @@ cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$R/lib/x86_64-linux-gnu/"
 # Debian's kernel builds the Xen drivers dom0 needs as modules
 for m in xen-privcmd xenfs/xenfs xen-evtchn xen-gntdev xen-gntalloc; do
   cp "$X/lib/modules/$KVER/kernel/drivers/xen/$m.ko" "$R/lib/modules/"
+done
+# and those of dom0's internal network: the bridge, Xen's network backend, nftables
+for m in drivers/net/xen-netback/xen-netback net/llc/llc net/802/stp net/bridge/bridge net/netfilter/nfnetlink \
+         crypto/crc32c_generic lib/libcrc32c net/netfilter/nf_tables; do
+  cp "$X/lib/modules/$KVER/kernel/$m.ko" "$R/lib/modules/"
 done
 # dom0 keeps its fixed size: xl must not balloon it down on its own
 echo 'autoballoon = "off"' > "$R/etc/xen/xl.conf"

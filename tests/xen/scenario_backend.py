@@ -298,5 +298,49 @@ def damaged(name: str, how: str):
 step("corrupt-alpha")(lambda: damaged("alpha", "corrupt"))
 step("truncated-beta")(lambda: damaged("beta", "truncate"))
 
+@step("network")
+def _network():
+    """A PV flavour with a vif, mastered on dom0's internal network (bridge, dnsmasq,
+    nftables, as xsessiond sets it up) and restored with its vif put on the bridge: it keeps
+    the address it had when saved and answers dom0. Restored with no network, it still runs,
+    its NIC unplugged."""
+    from xsession.netplan import NetworkMode, plan_network
+    from xsession.network import InternalNetwork
+    spec = XenFlavourSpec(name="gamma", title="Gamma (PV, on the network)", priority=1, kernel=GUEST / "vmlinuz",
+                          initrd=GUEST / "guest.cpio.gz",
+                          cmdline="console=hvc0 loglevel=4 xsession.ready=XS-READY-gamma",
+                          ready_line="XS-READY-gamma", machine_type="pv", memory_mib=96, settle_s=2.0,
+                          display=False, channel=False, nic="internal")
+    net_backend = XenBackend(console_log_dir=LOGS, poll_s=0.5)
+    m = master_medium(net_backend, [spec], WORK / "netmedium" / "xenubuntu", WORK / "netmastering")
+    said = (LOGS / "guest-gamma.log").read_text(errors="replace").replace("\r", "")
+    saved_with = re.findall(r"^NET eth0 (\S+)$", said, re.M)
+    plan = plan_network(["gamma"], NetworkMode.INTERNAL)
+    flavour = m.flavour("gamma")
+    net = InternalNetwork(plan, WORK / "net")
+    net.up()
+    net_backend.network = net
+    try:
+        guest = net_backend.restore(flavour, m, WORK / "run" / "gamma", lambda d, t: None)
+        on = Path(f"/sys/class/net/vif{guest.domid}.0/master").resolve().name
+        ping = subprocess.run(["ping", "-c", "3", "-W", "3", plan.lease("gamma").address], capture_output=True,
+                              text=True, timeout=60)
+        ran = wait_counters(guest, 2)
+        guest.stop()
+        net_backend.network = None
+        guest = net_backend.restore(flavour, m, WORK / "run" / "gamma-off", lambda d, t: None)
+        unplugged = wait_counters(guest, 2)
+        off_alive = guest.is_alive()
+        guest.stop()
+    finally:
+        net.close(teardown=True)
+    left = [r.name for r in xl.list_domains() if r.name != "Domain-0"]
+    return {"ok": saved_with == [plan.lease("gamma").address] and on == plan.bridge and ping.returncode == 0
+            and bool(ran) and bool(unplugged) and off_alive and not left,
+            "saved_with": saved_with, "lease": plan.lease("gamma").address, "vif_on": on, "bridge": plan.bridge,
+            "ping": ping.stdout[-300:] + ping.stderr[-300:], "counters": ran[:2], "unplugged_counters": unplugged[:2],
+            "domains_left": left}
+
+
 left = [r.name for r in xl.list_domains() if r.name != "Domain-0"]
 report("end", not left, domains_left=left)

@@ -42,10 +42,12 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from ..errors import HypervisorError, MediumUnavailable, StatefileCorrupt
+from ..errors import HypervisorError, MediumUnavailable, NetworkError, StatefileCorrupt
 from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
+from ..netplan import guest_mac
 from ..screen import Picture
 from ..manifest import Flavour, MachineConfig, Manifest
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe, zstd_checks_suffice
@@ -143,6 +145,11 @@ def xl_settings(flavour: Flavour, manifest: Manifest, rundir: Path | None = None
     cpuid = cpuid_of(m)
     if cpuid:
         settings["cpuid"] = cpuid
+    if m.nic == "internal":
+        # the NIC is part of the saved domain, plugged or not: Xen's own hotplug script is
+        # not run (it wants bash and a bridge of its own making); the manager puts the vif
+        # on dom0's bridge itself (XenBackend._plug), as it does a QEMU session's tap
+        settings["vif"] = [f"mac={guest_mac(flavour.name)},script={VIF_SCRIPT}"]
     if rundir is None:
         return settings
     # xl splits a device's settings at commas; a unix socket's path has a length limit
@@ -159,6 +166,10 @@ def xl_settings(flavour: Flavour, manifest: Manifest, rundir: Path | None = None
         settings["channel"] = [f"name={CHANNEL_PLACEHOLDER},connection=pty",
                                f"name={CHANNEL_PORT},connection=socket,path={rundir / CHANNEL_SOCKET}"]
     return settings
+
+
+#: the vif's hotplug script: none (the manager plugs the vif into the bridge itself)
+VIF_SCRIPT = "/bin/true"
 
 
 class XenGuest:
@@ -379,6 +390,9 @@ class XenBackend:
         self._aborting = threading.Event()
         #: in-process answers where the real xl would be asked (not for another xl binary)
         self._ctl = XenControl() if xl_path == xl.XL else None
+        #: dom0's internal network (:class:`xsession.network.InternalNetwork`), when there is
+        #: one: a session with an ``internal`` NIC gets its vif put on its bridge
+        self.network: Any = None
 
     # -- memory ------------------------------------------------------------------------
     def host_memory(self) -> HostMemory:
@@ -543,11 +557,24 @@ class XenBackend:
             guest = self._attach(flavour.name, rundir, console_start, display_socket(flavour, rundir))
             if flavour.machine.guest_channel:
                 guest.attach_channel(flavour.name)
+            self._plug(flavour, guest)
             self._unpause(guest)
         except BaseException:
             self._destroy_quietly(flavour.name)
             raise
         return guest
+
+    def _plug(self, flavour: Flavour, guest: XenGuest) -> None:
+        """Put the domain's vif (Xen's backend names it ``vifDOMID.0``) on dom0's bridge, before
+        the domain runs: its first packet finds the bridge. Without a network, or when that
+        fails, the session runs unplugged and says why."""
+        if flavour.machine.nic != "internal" or self.network is None:
+            return
+        try:
+            self.network.plug(flavour.name, f"vif{guest.domid}.0")
+        except NetworkError as e:
+            log.warning("%s: runs without the internal network: %s", flavour.name, e,
+                        extra={"SESSION": flavour.name})
 
     @staticmethod
     def _raise_if_image_bad(path: Path, sha256: str, feeder: Feeder, timeout: float) -> None:
@@ -593,6 +620,7 @@ class XenBackend:
             guest = self._attach(flavour.name, rundir, console_start, display_socket(flavour, rundir))
             if flavour.machine.guest_channel:
                 guest.attach_channel(flavour.name)
+            self._plug(flavour, guest)
             self._unpause(guest)
         except xl.XlError as e:
             self._destroy_quietly(flavour.name)

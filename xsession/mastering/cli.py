@@ -29,7 +29,7 @@ def _master_xen(spec, args: argparse.Namespace) -> None:
     specs = [xen.XenFlavourSpec(name=f.name, title=f.title, priority=f.priority, kernel=args.guests / spec.kernel,
                                 initrd=args.guests / f.initrd, cmdline=cmdline.strip(),
                                 ready_line=f"XS-READY flavour={f.name}", machine_type=args.xen_type,
-                                memory_mib=f.memory_mib, vcpus=f.vcpus)
+                                memory_mib=f.memory_mib, vcpus=f.vcpus, nic=f.nic or "none")
              for f in spec.flavours]
     with tempfile.TemporaryDirectory(prefix="xsm-xen-") as work:
         manifest = xen.master_medium(XenBackend(), specs, args.out / "xenubuntu", Path(work), default=spec.default,

@@ -31,6 +31,8 @@ import yaml
 
 from ..errors import HypervisorError
 from ..hypervisor.xen import XenBackend
+from ..netplan import NetworkMode, plan_network
+from ..network import NIC_ON_NETWORK, InternalNetwork
 from ..manifest import (ColdBoot, Flavour, MachineConfig, Manifest, OfficeLayout, Statefile, manifest_to_dict,
                         parse_manifest)
 
@@ -63,6 +65,8 @@ class XenFlavourSpec:
     display: bool = True
     #: the guest channel (install requests): a PV channel the device model serves
     channel: bool = True
+    #: ``internal``: a vif on dom0's internal network (the backend's network, when it has one)
+    nic: str = "none"
 
 
 def _into_pool(src: Path, root: Path) -> str:
@@ -102,7 +106,7 @@ def master_flavour(backend: XenBackend, spec: XenFlavourSpec, root: Path, workdi
     """
     machine = MachineConfig(machine_type=spec.machine_type, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
                             cpu=spec.cpuid, vga="std" if spec.display else "none", disk_bus="none",
-                            guest_channel=spec.channel)
+                            guest_channel=spec.channel, nic=spec.nic)
     cold = ColdBoot(kernel=_into_pool(spec.kernel, root), initrd=_into_pool(spec.initrd, root),
                     cmdline=spec.cmdline, ready_line=spec.ready_line, timeout_s=spec.boot_timeout_s)
     flavour = Flavour(name=spec.name, title=spec.title, priority=spec.priority, backend="xen", machine=machine,
@@ -139,7 +143,19 @@ def master_medium(backend: XenBackend, specs: Sequence[XenFlavourSpec], root: Pa
     """
     root.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    flavours = tuple(master_flavour(backend, spec, root, workdir) for spec in specs)
+    # flavours on the internal network are saved on it, with the addresses they keep at every restore
+    on_net = [spec.name for spec in specs if spec.nic == NIC_ON_NETWORK]
+    network = None
+    if on_net and backend.network is None:
+        network = InternalNetwork(plan_network(on_net, NetworkMode.INTERNAL), workdir / "network")
+        network.up()
+        backend.network = network
+    try:
+        flavours = tuple(master_flavour(backend, spec, root, workdir) for spec in specs)
+    finally:
+        if network is not None:
+            backend.network = None
+            network.close(teardown=True)
     path = root / "manifest.yaml"
     manifest = Manifest(path=str(path), default=default or min(flavours, key=lambda f: f.priority).name,
                         flavours=flavours, office=office,
