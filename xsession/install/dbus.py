@@ -96,6 +96,7 @@ class InstallService:
             self._changed(view)
 
     def _add(self, view: JobView) -> bool:
+        from ..bus import MANAGER_PATH, OBJECT_MANAGER_IFACE
         with self._lock:
             if view.number in self._regs:
                 return False
@@ -104,19 +105,20 @@ class InstallService:
                                                                self._get_property, None)
             props = job_properties(view)
             self._published[view.number] = props
-        self._emit("/org/xenubuntu/Sessions1", "org.freedesktop.DBus.ObjectManager", "InterfacesAdded",
+        self._emit(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesAdded",
                    GLib.Variant("(oa{sa{sv}})", (path, {JOB_IFACE: self._typed(props)})))
         # what changed between the event and its registration in the main loop
         self._changed(self.install.jobs.view(view.number))
         return False
 
     def _remove(self, number: int) -> bool:
+        from ..bus import MANAGER_PATH, OBJECT_MANAGER_IFACE
         with self._lock:
             reg = self._regs.pop(number, None)
             self._published.pop(number, None)
         if reg is not None:
             self.con.unregister_object(reg)
-            self._emit("/org/xenubuntu/Sessions1", "org.freedesktop.DBus.ObjectManager", "InterfacesRemoved",
+            self._emit(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesRemoved",
                        GLib.Variant("(oas)", (job_path(number), [JOB_IFACE])))
         return False
 

@@ -20,6 +20,7 @@ its screen has settled.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
@@ -181,22 +182,11 @@ def share_backing(backing: Path, shared: Path) -> Path:
     shared.mkdir(parents=True, exist_ok=True)
     dest = shared / backing.name
     if dest.exists():
-        if dest.samefile(backing) or dest.stat().st_size == backing.stat().st_size and \
-                _same_bytes(dest, backing):
+        if dest.samefile(backing) or filecmp.cmp(dest, backing, shallow=False):
             return dest
         raise ManifestError(str(dest), f"another image of that name than {backing} is on the medium already")
     place(backing, dest)
     return dest
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 20), fb.read(1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def disk_layers(fdir: Path, base_size_mib: int | None = None, base_image: Path | None = None) -> None:

@@ -82,12 +82,13 @@ class OfficeService:
         self._flush_id = 0
 
     def publish(self) -> None:
+        from ..bus import MANAGER_PATH, OBJECT_MANAGER_IFACE
         self._reg = self.con.register_object(OFFICE_PATH, self._iface, self._on_call, self._get_property, None)
         with self._lock:
             self._published = self._latest = _comparable(office_properties(self.office.view()))
         self.office.subscribe(self._on_office)
         if self.office.present:
-            self._emit("/org/xenubuntu/Sessions1", "org.freedesktop.DBus.ObjectManager", "InterfacesAdded",
+            self._emit(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesAdded",
                        GLib.Variant("(oa{sa{sv}})", (OFFICE_PATH, {OFFICE_IFACE: self._typed(
                            office_properties(self.office.view()))})))
 
