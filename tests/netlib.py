@@ -23,6 +23,16 @@ def namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
+def _left_over(name: str) -> bool:
+    """A namespace of ours that no live test process owns: its name carries the owner's pid."""
+    if not name.startswith(PREFIX) or name in Netns.live:
+        return False
+    owner = name[len(PREFIX):].split("-", 1)[0]
+    if not owner.isdigit() or int(owner) == os.getpid():
+        return True
+    return not Path(f"/proc/{owner}").exists()  # another test process (a parallel worker) may own it
+
+
 def host_links() -> list[str]:
     """The host namespace's interfaces (the test process runs in it)."""
     return sorted(os.listdir("/sys/class/net"))
@@ -35,9 +45,9 @@ class Netns:
     live: set[str] = set()
 
     def __init__(self, role: str):
-        leftovers = [n for n in namespaces() if n.startswith(PREFIX) and n not in Netns.live]
+        leftovers = [n for n in namespaces() if _left_over(n)]
         assert not leftovers, f"network namespaces left by an earlier test: {leftovers}"
-        self.name = f"{PREFIX}{role}-{secrets.token_hex(3)}"
+        self.name = f"{PREFIX}{os.getpid()}-{role}-{secrets.token_hex(3)}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         Netns.live.add(self.name)
         self.run("ip", "link", "set", "lo", "up")
