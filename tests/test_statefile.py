@@ -12,7 +12,7 @@ import pytest
 
 from xsession.errors import MediumUnavailable, StatefileCorrupt
 from xsession.manifest import MachineConfig, Statefile
-from xsession.statefile import Feeder, precheck, zstd_checks_suffice
+from xsession.statefile import Feeder, batch_scheduling, precheck, zstd_checks_suffice
 
 from .guestlib import damage
 
@@ -170,3 +170,28 @@ def test_without_the_sha256_pass_zstd_still_rejects_every_damage(tmp_path):
         damage(path, offset=offset, count=1)
         result, _, _ = feed(path, sf, verify_sha256=False)
         assert result.problem is not None and result.problem.startswith("zstd rejected the stream"), (offset, result)
+
+
+def test_a_batch_feed_runs_its_decompressor_as_a_batch_task(tmp_path):
+    """On one CPU a reader woken at every write would preempt zstd each time: the feed for
+    such a reader runs zstd as a batch task."""
+    path, sf = make_statefile(tmp_path)
+    r, w = os.pipe()
+    feeder = Feeder(path, sf, w, batch=True)
+    feeder.start()
+    try:
+        while feeder._proc is None:  # the reader has read nothing yet: zstd waits on the pipe
+            feeder.join(0.01)
+        policy = os.sched_getscheduler(feeder._proc.pid)
+    finally:
+        with os.fdopen(r, "rb") as f:
+            while f.read(1 << 16):
+                pass
+    assert feeder.result(30).problem is None
+    assert policy == os.SCHED_BATCH
+
+
+def test_batch_scheduling_of_a_process_that_is_gone_is_no_error():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    batch_scheduling(proc.pid)

@@ -61,6 +61,15 @@ def test_a_pv_flavour_shows_its_screen_over_vnc_after_a_restore(run):
     assert "vnc" not in r["beta_console"] and "no screen" in r["beta_refused"], r
 
 
+def test_the_device_model_runs_at_the_normal_policy_after_a_batch_restore(run):
+    """``xl restore`` reads the stream as a batch task, and the device model it starts inherits
+    that; the backend finds it by xenstore's ``device-model-pid`` and gives it the normal policy
+    back, so a key press or a screen update wakes it at once."""
+    r = result(run, "display")
+    assert r["alpha_device_model_pid"] in r["device_model_policies"], r
+    assert set(r["device_model_policies"].values()) == {r["normal_policy"]}, r
+
+
 def test_a_restored_domain_talks_over_its_guest_channel_both_ways(run):
     """The guest channel (install requests) under Xen: a PV channel served on the session's
     socket, read by the same reader as QEMU's port; heartbeats go on after the restore and

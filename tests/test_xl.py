@@ -13,6 +13,7 @@ from xsession.hypervisor import xl
 from xsession.hypervisor.xen import XenBackend, console_log_dir_from_config, xl_settings
 from xsession.netplan import guest_mac
 from xsession.manifest import ColdBoot, Flavour, MachineConfig, Manifest
+from xsession.statefile import batch_scheduling
 
 REC = Path(__file__).parent / "xen" / "recorded"
 
@@ -177,3 +178,22 @@ def test_a_flavour_on_the_internal_network_has_a_vif_with_its_own_mac_and_no_hot
         assert xl_settings(on_net, m, rundir)["vif"] == [f"mac={guest_mac('alpha')},script=/bin/true"]
     text = xl.write_config(tmp_path / "a.cfg", xl_settings(on_net, m)).read_text()
     assert f'vif = ["mac={guest_mac("alpha")},script=/bin/true"]\n' in text
+
+
+def test_restore_tells_its_caller_xls_process_which_can_be_made_a_batch_task(tmp_path):
+    """The backend makes ``xl restore`` a batch task as soon as it runs. What xl starts
+    inherits the policy (reset-on-fork resets only real-time ones), which is why the
+    backend gives the device model the normal policy back (tests/test_xen.py)."""
+    fake = tmp_path / "xl"
+    fake.write_text("#!/bin/sh\nsleep 0.5\nchrt -p $$ > \"$0.self\"\nsh -c 'chrt -p $$' > \"$0.child\"\n")
+    fake.chmod(0o755)
+    pids: list[int] = []
+
+    def on_start(pid: int) -> None:
+        pids.append(pid)
+        batch_scheduling(pid)
+
+    xl.restore(tmp_path / "image", tmp_path / "cfg", xl=str(fake), on_start=on_start)
+    assert len(pids) == 1
+    assert "SCHED_BATCH" in (tmp_path / "xl.self").read_text()
+    assert "SCHED_BATCH" in (tmp_path / "xl.child").read_text()

@@ -25,7 +25,8 @@ from pathlib import Path
 from .errors import MediumUnavailable, StatefileCorrupt
 from .manifest import Statefile
 
-__all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of", "widen_pipe", "zstd_checks_suffice"]
+__all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of", "widen_pipe", "zstd_checks_suffice",
+           "batch_scheduling"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20  # 1 MiB: few system calls, progress still fine-grained for a DVD
@@ -91,12 +92,14 @@ class Feeder(threading.Thread):
     """
 
     def __init__(self, path: Path, sf: Statefile, out_fd: int, progress: Callable[[int, int], None] | None = None,
-                 *, verify_sha256: bool = True):
+                 *, verify_sha256: bool = True, batch: bool = False):
         super().__init__(name=f"feed-{path.name}", daemon=True)
         self.path = path
         self.sf = sf
         #: False where zstd's own checks suffice (:func:`zstd_checks_suffice`): no hashing pass
         self.verify_sha256 = verify_sha256
+        #: the decompressor runs as a batch task (:func:`batch_scheduling`), for a reader that does too
+        self.batch = batch
         self.out_fd = out_fd  # closed in run(), always
         self.progress = progress
         self._cancel = threading.Event()
@@ -154,6 +157,8 @@ class Feeder(threading.Thread):
                 # zstd verifies each frame's content checksum and exits non-zero on damage
                 self._proc = subprocess.Popen(["zstd", "-dcq", "--no-progress"], stdin=subprocess.PIPE,
                                               stdout=self.out_fd, stderr=subprocess.PIPE)
+                if self.batch:
+                    batch_scheduling(self._proc.pid)
                 os.close(self.out_fd)  # zstd holds its own copy now
                 self.out_fd = -1
                 sink = self._proc.stdin
@@ -285,6 +290,22 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def batch_scheduling(pid: int) -> None:
+    """Run a process of the stream (the decompressor, the hypervisor's reader) as a batch
+    task (``SCHED_BATCH``). What it starts later inherits the policy: the caller gives a
+    long-lived child (Xen's device model) the normal one back.
+
+    On one CPU (Xen's dom0) the reader, woken by every write into the pipe, would
+    otherwise preempt the writer each time: three times the context switches, each a
+    page-table switch that a PV dom0 pays in hypercalls. Batch tasks do not preempt
+    on wakeup, so each side fills or drains the pipe in one turn. Best effort.
+    """
+    try:
+        os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        pass
 
 
 def zstd_checks_suffice(path: Path, sf: Statefile) -> bool:

@@ -10,6 +10,7 @@ scenario goes on so one boot tells about every step.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -183,18 +184,23 @@ def _display():
         beta_refused = str(e)
     again = rfb.grab(alpha.display) if alpha.display is not None else None
     # what Xen's device model costs dom0: the resident memory of each one running
-    dm = {}
+    # and its scheduling policy: the batch xl restore started it, the backend gave it the normal one back
+    dm, policies = {}, {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if "xen-qemu-system-i386" in (proc / "cmdline").read_text(errors="replace"):
                 rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
                 dm[proc.name] = int(rss.split()[1]) // 1024
+                policies[proc.name] = os.sched_getscheduler(int(proc.name))
         except (OSError, StopIteration):
             continue
+    pid_in_xenstore = XenControl().read(f"/local/domain/{alpha.domid}/image/device-model-pid")
     return {"ok": picture is not None and lit > 200 and "vnc" not in beta.console and bool(beta_refused),
             "address": address, "size": [picture.width, picture.height] if picture else None, "lit": lit,
             "error": error, "beta_console": beta.console, "beta_refused": beta_refused,
-            "grab_size": [again.width, again.height] if again else None, "device_models_rss_mib": dm}
+            "grab_size": [again.width, again.height] if again else None, "device_models_rss_mib": dm,
+            "device_model_policies": policies, "normal_policy": os.SCHED_OTHER,
+            "alpha_device_model_pid": pid_in_xenstore.decode() if pid_in_xenstore else None}
 
 
 @step("memory")

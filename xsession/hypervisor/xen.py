@@ -50,7 +50,7 @@ from ..guestchannel import ChannelReader
 from ..netplan import guest_mac
 from ..screen import Picture
 from ..manifest import Flavour, MachineConfig, Manifest
-from ..statefile import Feeder, precheck, sha256_of, widen_pipe, zstd_checks_suffice
+from ..statefile import Feeder, batch_scheduling, precheck, sha256_of, widen_pipe, zstd_checks_suffice
 from . import rfb, xl
 from .xenctl import Unavailable, XenControl
 from .console import wait_for_text
@@ -393,6 +393,9 @@ class XenBackend:
         #: dom0's internal network (:class:`xsession.network.InternalNetwork`), when there is
         #: one: a session with an ``internal`` NIC gets its vif put on its bridge
         self.network: Any = None
+        #: zstd and ``xl restore`` take turns on dom0's vCPU as batch tasks (see
+        #: :func:`~xsession.statefile.batch_scheduling`), a pipe's worth at a time
+        self.batch_stream = True
 
     # -- memory ------------------------------------------------------------------------
     def host_memory(self) -> HostMemory:
@@ -526,12 +529,12 @@ class XenBackend:
         read_fd, write_fd = os.pipe()
         widen_pipe(write_fd)  # zstd writes and xl reads a MiB per turn on dom0's vCPU, not 64 KiB
         feeder = Feeder(path, sf, write_fd, progress,  # closes write_fd, always
-                        verify_sha256=not zstd_checks_suffice(path, sf))
+                        verify_sha256=not zstd_checks_suffice(path, sf), batch=self.batch_stream)
         feeder.start()
         try:
             # xl opens the pipe by name; /proc/self/fd works where /dev/fd is missing
             xl.restore(f"/proc/self/fd/{read_fd}", config, paused=True, pass_fds=(read_fd,), timeout=timeout,
-                       xl=self.xl)
+                       xl=self.xl, on_start=batch_scheduling if self.batch_stream else None)
         except xl.XlError as e:
             os.close(read_fd)  # the feeder keeps hashing to the end: its verdict says whom to blame
             self._destroy_quietly(flavour.name)
@@ -558,11 +561,31 @@ class XenBackend:
             if flavour.machine.guest_channel:
                 guest.attach_channel(flavour.name)
             self._plug(flavour, guest)
+            if self.batch_stream:
+                self._device_model_at_normal_policy(guest)
             self._unpause(guest)
         except BaseException:
             self._destroy_quietly(flavour.name)
             raise
         return guest
+
+    def _device_model_at_normal_policy(self, guest: XenGuest) -> None:
+        """The device model (which serves the screen and the channel) was started by the
+        batch ``xl restore`` and so inherited its policy: it gets the normal one back, so a
+        key press or a screen update wakes it at once. Best effort: it says what failed."""
+        key = f"/local/domain/{guest.domid}/image/device-model-pid"
+        try:
+            if self._ctl is not None:
+                value = self._ctl.read(key)
+            else:
+                done = subprocess.run(["xenstore-read", key], capture_output=True, timeout=10)
+                value = done.stdout.strip() if done.returncode == 0 else None
+            if value is None:
+                return  # no device model: no screen and no channel
+            os.sched_setscheduler(int(value), os.SCHED_OTHER, os.sched_param(0))
+        except (Unavailable, OSError, ValueError, subprocess.TimeoutExpired) as e:
+            log.warning("%s: its device model keeps the batch policy: %s", guest.name, e,
+                        extra={"SESSION": guest.name})
 
     def _plug(self, flavour: Flavour, guest: XenGuest) -> None:
         """Put the domain's vif (Xen's backend names it ``vifDOMID.0``) on dom0's bridge, before

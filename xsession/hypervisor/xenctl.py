@@ -1,19 +1,22 @@
-"""The two questions a restore asks Xen, answered in process instead of by ``xl``.
+"""The questions a restore asks Xen, answered in process instead of by ``xl``.
 
 Every ``xl`` call sets up libxl, which costs dom0 0.15-0.4 s of CPU on the test
 host (an emulated CPU) and competes with the decompression and xl's own
 reading on dom0's vCPU. A restore asks twice which domain id a name has (is
 the name free; which domain did ``xl restore`` make) and unpauses once. Those
 are a xenstore read (``/local/domain/ID/name``, where libxl keeps names) and
-one domctl, so :class:`XenControl` calls libxenstore and libxenctrl through
+one domctl (and a xenstore read of the device model's process id), so
+:class:`XenControl` calls libxenstore and libxenctrl through
 ctypes. Where the libraries cannot be loaded (no Xen here), every method
 raises :class:`Unavailable` and the caller asks ``xl``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 
 __all__ = ["Unavailable", "XenControl"]
 
@@ -76,10 +79,7 @@ class XenControl:
         :raises Unavailable: xenstore cannot be reached.
         """
         xs, _, libc = self._libs()
-        h = xs.xs_open(0)
-        if not h:
-            raise Unavailable(f"cannot reach xenstore (errno {ctypes.get_errno()})")
-        try:
+        with self._xenstore() as h:
             count = ctypes.c_uint(0)
             listing = xs.xs_directory(h, _XBT_NULL, b"/local/domain", ctypes.byref(count))
             if not listing:
@@ -89,21 +89,42 @@ class XenControl:
                 wanted = name.encode()
                 for i in range(count.value):
                     entry = ids[i] or b""
-                    length = ctypes.c_uint(0)
-                    value = xs.xs_read(h, _XBT_NULL, b"/local/domain/" + entry + b"/name", ctypes.byref(length))
-                    if not value:
-                        continue  # a domain being made or torn down: no name (yet)
-                    try:
-                        found = ctypes.string_at(value, length.value)
-                    finally:
-                        libc.free(value)
-                    if found == wanted and entry.isdigit():
+                    # None: a domain being made or torn down has no name (yet)
+                    if self._read(h, b"/local/domain/" + entry + b"/name") == wanted and entry.isdigit():
                         return int(entry)
             finally:
                 libc.free(listing)  # one block: the array and its strings
+        return None
+
+    def read(self, path: str) -> bytes | None:
+        """A xenstore value, or None where there is none.
+
+        :raises Unavailable: xenstore cannot be reached.
+        """
+        with self._xenstore() as h:
+            return self._read(h, path.encode())
+
+    @contextlib.contextmanager
+    def _xenstore(self) -> Iterator[int]:
+        xs, _, _ = self._libs()
+        h = xs.xs_open(0)
+        if not h:
+            raise Unavailable(f"cannot reach xenstore (errno {ctypes.get_errno()})")
+        try:
+            yield h
         finally:
             xs.xs_close(h)
-        return None
+
+    def _read(self, h: int, path: bytes) -> bytes | None:
+        xs, _, libc = self._libs()
+        length = ctypes.c_uint(0)
+        value = xs.xs_read(h, _XBT_NULL, path, ctypes.byref(length))
+        if not value:
+            return None
+        try:
+            return ctypes.string_at(value, length.value)
+        finally:
+            libc.free(value)
 
     def unpause(self, domid: int) -> None:
         """Unpause a domain (what ``xl unpause`` does for a PV or PVH domain).

@@ -93,7 +93,8 @@ _READ_ONLY = ("info", "list")
 _READ_TRIES = 3
 
 
-def _run(args: Sequence[str], timeout: float, pass_fds: Sequence[int] = (), xl: str = XL) -> Result:
+def _run(args: Sequence[str], timeout: float, pass_fds: Sequence[int] = (), xl: str = XL,
+         on_start: Callable[[int], None] | None = None) -> Result:
     """Run ``xl ARGS`` to completion; read-only verbs are retried when xl dies of a signal.
 
     :raises XlError: non-zero exit, timeout (the process is killed), or xl cannot be started.
@@ -101,14 +102,15 @@ def _run(args: Sequence[str], timeout: float, pass_fds: Sequence[int] = (), xl: 
     tries = _READ_TRIES if args and args[0] in _READ_ONLY else 1
     for attempt in range(tries):
         try:
-            return _run_once(args, timeout, pass_fds, xl)
+            return _run_once(args, timeout, pass_fds, xl, on_start)
         except XlError as e:
             if e.status is None or e.status >= 0 or attempt == tries - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_once(args: Sequence[str], timeout: float, pass_fds: Sequence[int], xl: str) -> Result:
+def _run_once(args: Sequence[str], timeout: float, pass_fds: Sequence[int], xl: str,
+              on_start: Callable[[int], None] | None = None) -> Result:
     argv = [xl, *args]
     # freed at the end of the with-block; files, not pipes (see the module docstring)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -117,6 +119,8 @@ def _run_once(args: Sequence[str], timeout: float, pass_fds: Sequence[int], xl: 
                                     pass_fds=tuple(pass_fds))
         except OSError as e:
             raise XlError(argv, -1, f"cannot run {xl}: {e}") from e
+        if on_start is not None:
+            on_start(proc.pid)
         try:
             status: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -308,7 +312,7 @@ def create(config: str | os.PathLike[str], *, paused: bool = False, timeout: flo
 
 def restore(image: str | os.PathLike[str], config: str | os.PathLike[str] | None = None, *,
             paused: bool = True, pass_fds: Sequence[int] = (), timeout: float = SLOW,
-            xl: str = XL) -> None:
+            xl: str = XL, on_start: Callable[[int], None] | None = None) -> None:
     """``xl restore [-p] [CONFIG] IMAGE``: rebuild a domain from a save image.
 
     ``IMAGE`` may be ``/dev/fd/N`` for a pipe the caller feeds (pass ``N`` in
@@ -319,7 +323,7 @@ def restore(image: str | os.PathLike[str], config: str | os.PathLike[str] | None
     args = ["restore", *(["-p"] if paused else [])]
     if config is not None:
         args.append(os.fspath(config))
-    _run([*args, os.fspath(image)], timeout, pass_fds, xl=xl)
+    _run([*args, os.fspath(image)], timeout, pass_fds, xl=xl, on_start=on_start)
 
 
 def save(domain: str, image: str | os.PathLike[str], *, timeout: float = SLOW, xl: str = XL) -> None:
