@@ -38,7 +38,7 @@ from pathlib import Path
 from gi.repository import Gio, GLib
 
 from xsession.bootopts import parse_cmdline
-from xsession.engine import Engine, State
+from xsession.engine import Engine, SessionView, State
 from xsession.demomedia import ensure_demo_medium
 from xsession.privatebus import system_like_config
 from xsession.hypervisor.qemu import QemuBackend
@@ -160,22 +160,34 @@ class Listener:
         return samples
 
 
-def activate_over_bus(con: Gio.DBusConnection, name: str, timeout: float = 120) -> float:
+#: per activation, seconds from the call to the engine's change into each state, and to the end
+Phases = dict[str, float]
+
+
+def activate_over_bus(con: Gio.DBusConnection, name: str, timeout: float = 120,
+                      phases: list[Phases] | None = None) -> float:
     """Call to the PropertiesChanged that says running."""
     loop = GLib.MainLoop()
     path = f"{MANAGER}/session/{name}"
+    seen: Phases = {}
 
     def on_signal(_c, _s, _p, _i, _n, params):
-        if params.unpack()[1].get("State") in ("running", "failed"):
+        changed = params.unpack()[1]
+        if "State" in changed and "LastChange" in changed:
+            seen[changed["State"]] = changed["LastChange"]
+        if changed.get("State") in ("running", "failed"):
+            seen["end"] = time.time()
             loop.quit()
 
     sub = con.signal_subscribe(None, "org.freedesktop.DBus.Properties", "PropertiesChanged", path, SIFACE,
                                Gio.DBusSignalFlags.NONE, on_signal)
     watchdog = GLib.timeout_add(int(timeout * 1000), loop.quit)
-    t = time.perf_counter()
+    t, wall = time.perf_counter(), time.time()
     call(con, MANAGER, MIFACE, "Activate", GLib.Variant("(sa{sv})", (name, {})))
     loop.run()
     elapsed = time.perf_counter() - t
+    if phases is not None:
+        phases.append({k: v - wall for k, v in seen.items()})
     GLib.source_remove(watchdog)
     con.signal_unsubscribe(sub)
     state = call(con, path, "org.freedesktop.DBus.Properties", "Get", GLib.Variant("(ss)", (SIFACE, "State")))
@@ -223,16 +235,29 @@ def main() -> int:
             manifest = load_manifest(medium / MANIFEST_RELPATH)
             engine = Engine(manifest, QemuBackend(), work / "direct", parse_cmdline("xenubuntu.restore=off"))
             bus_t, direct_t = [], []
+            bus_phases: list[Phases] = []
+            direct_phases: list[Phases] = []
+            changes_of: dict[str, Phases] = {n: {} for n in NAMES}
+
+            def on_engine_event(event: str, view: SessionView | None) -> None:
+                if view is not None and event != "progress":
+                    changes_of[view.name].setdefault(view.state.value, view.last_change)
+
+            engine.subscribe(on_engine_event)
             listener = Listener(address)
             try:
                 for _ in range(args.rounds):
                     for name in NAMES:
-                        bus_t.append(activate_over_bus(con, name))
+                        bus_t.append(activate_over_bus(con, name, phases=bus_phases))
                         call(con, f"{MANAGER}/session/{name}", SIFACE, "Stop")
-                        t = time.perf_counter()
+                        seen: Phases = {}
+                        t, wall = time.perf_counter(), time.time()
                         engine.activate(name)
                         engine.wait_state(name, {State.RUNNING}, 120)
                         direct_t.append(time.perf_counter() - t)
+                        seen["end"] = time.time()
+                        direct_phases.append({k: v - wall for k, v in {**changes_of[name], **seen}.items()})
+                        changes_of[name] = {}
                         engine.stop(name)
             finally:
                 engine.shutdown(stop_guests=True)
@@ -244,6 +269,10 @@ def main() -> int:
             print(f"activate to running: over D-Bus median {b * 1000:.0f} ms, Engine.activate median "
                   f"{d * 1000:.0f} ms, ratio {b / d:.2f}x ({len(bus_t)} each, interleaved); "
                   f"median of the {len(bus_t)} paired ratios {paired:.2f}x")
+            for label, ph in (("over D-Bus", bus_phases), ("in process", direct_phases)):
+                print(f"  {label}, medians from the call: " + ", ".join(
+                    f"{st} {statistics.median(x[st] for x in ph if st in x) * 1000:.1f} ms"
+                    for st in ("queued", "restoring", "running", "end") if any(st in x for x in ph)))
             delays = sorted(x for _, _, x in changes)
             states = [st for _, st, _ in changes]
             slowest = max(changes, key=lambda c: c[2])
