@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from . import cachepruning
 from .errors import XSessionError
 from .manifest import MANIFEST_RELPATH, load_manifest
 from .mastering import master as _master
@@ -85,7 +86,7 @@ def ensure_real_flavour(name: str, report: Report | None = None) -> Path:
     cmd = [str(DEMO / "build-flavour.sh"), name]
     if report is None:
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-        return Path(done.stdout.strip().splitlines()[-1])
+        return _used(name, Path(done.stdout.strip().splitlines()[-1]), lambda line: None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None and proc.stdout is not None
     for line in proc.stderr:
@@ -93,7 +94,15 @@ def ensure_real_flavour(name: str, report: Report | None = None) -> Path:
     out = proc.stdout.read()
     if proc.wait() != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd, out)
-    return Path(out.strip().splitlines()[-1])
+    return _used(name, Path(out.strip().splitlines()[-1]), report)
+
+
+def _used(name: str, entry: Path, report: Report) -> Path:
+    """Mark a flavour's build used and let the oldest builds of it go (their lock is
+    build-flavour.sh's ``.NAME-KEY.lock``)."""
+    cachepruning.mark_used(entry)
+    cachepruning.prune(entry.parent, name, entry, report, lambda old: old.parent / f".{old.name}.lock")
+    return entry
 
 
 def _mastering_key(spec: Path, builds: dict[str, Path]) -> str:
@@ -149,23 +158,30 @@ def ensure_desktop_medium(report: Report = print, spec: Path = DEMO / "desktops.
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _valid(medium):
-            return medium
-        shutil.rmtree(medium, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(prefix=f"desktops-{key}.", dir=cache))
-        try:
-            guests = work / "guests"
-            guests.mkdir()
-            for name, folder in builds.items():
-                (guests / name).symlink_to(folder)
-            out = work / "medium"
-            report("mastering the desktop medium (each flavour boots once, settles and is saved) ...")
-            _master_in_namespace(spec, guests, out, next(iter(builds.values())).parent / "debs", report)
-            (out / COMPLETE).write_text(json.dumps({"key": key, "files": _sizes(out)}, indent=1))
-            out.rename(medium)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        if not _valid(medium):
+            _master_into(medium, key, spec, builds, report)
+        cachepruning.mark_used(medium)
+        cachepruning.prune(cache, "desktops", medium, report)  # under the cache's lock
     return medium
+
+
+def _master_into(medium: Path, key: str, spec: Path, builds: dict[str, Path], report: Report) -> None:
+    """Master the medium in a temporary folder of the cache and rename it into place."""
+    cache = medium.parent
+    shutil.rmtree(medium, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f"desktops-{key}.", dir=cache))
+    try:
+        guests = work / "guests"
+        guests.mkdir()
+        for name, folder in builds.items():
+            (guests / name).symlink_to(folder)
+        out = work / "medium"
+        report("mastering the desktop medium (each flavour boots once, settles and is saved) ...")
+        _master_in_namespace(spec, guests, out, next(iter(builds.values())).parent / "debs", report)
+        (out / COMPLETE).write_text(json.dumps({"key": key, "files": _sizes(out)}, indent=1))
+        out.rename(medium)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _master_in_namespace(spec: Path, guests: Path, out: Path, debs: Path, report: Report) -> None:

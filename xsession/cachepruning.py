@@ -1,0 +1,94 @@
+"""Pruning the machine-wide build caches: the least recently used entries go.
+
+Every change of a recipe makes a new entry (``NAME-KEY``) and leaves the old
+one, a GB or more, so a machine that builds often would fill its disk. An entry
+records its last use in its folder's modification time (:func:`mark_used`).
+Of the entries of one kind, the newest :data:`KEEP_ENTRIES` stay, and so does
+any used within :data:`KEEP_RECENT_S` (another clone on this machine may be
+using it now). An entry whose lock file another builder holds is left alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KEEP_ENTRIES", "KEEP_RECENT_S", "Entry", "stale", "mark_used", "prune"]
+
+#: entries of one kind kept whatever their age
+KEEP_ENTRIES = 3
+#: an entry used this recently is kept whatever their number
+KEEP_RECENT_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    last_used: float
+
+
+def stale(entries: list[Entry], current: Path, now: float, keep: int = KEEP_ENTRIES,
+          recent_s: float = KEEP_RECENT_S) -> list[Entry]:
+    """The entries to remove: beyond the ``keep`` most recently used (``current``, the
+    one just asked for, among them), not used within ``recent_s``, never ``current``."""
+    others = sorted((e for e in entries if e.path != current), key=lambda e: e.last_used, reverse=True)
+    return [e for e in others[max(0, keep - 1):] if now - e.last_used > recent_s]
+
+
+def mark_used(entry: Path) -> None:
+    """Record that the entry was used now (best effort: a read-only cache stays as it is)."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+def prune(cache: Path, kind: str, current: Path, report: Callable[[str], None] = lambda line: None,
+          lock_file: Callable[[Path], Path] | None = None) -> list[Path]:
+    """Remove the stale entries ``KIND-KEY`` (KEY: 12 hex digits) of ``cache``; returns them.
+
+    ``lock_file`` names an entry's lock: an entry whose lock another process holds
+    (it is being checked or built) is kept. Without it the caller holds the cache's lock.
+    """
+    pattern = re.compile(re.escape(kind) + r"-[0-9a-f]{12}")
+    entries = []
+    for path in cache.iterdir() if cache.is_dir() else ():
+        if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            try:
+                entries.append(Entry(path, path.stat().st_mtime))
+            except OSError:
+                continue
+    now = time.time()
+    removed = []
+    for entry in stale(entries, current, now):
+        if lock_file is None:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif not _remove_unlocked(entry.path, lock_file(entry.path)):
+            continue
+        report(f"cache: removed {entry.path.name}, unused for {(now - entry.last_used) / 86400:.1f} days")
+        removed.append(entry.path)
+    return removed
+
+
+def _remove_unlocked(path: Path, lock_file: Path) -> bool:
+    """Remove ``path`` while holding its lock; False when another process holds it. The
+    lock file stays: a builder waiting on it must share it with the next one."""
+    try:
+        fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
