@@ -14,12 +14,13 @@ import fcntl
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KEEP_ENTRIES", "KEEP_RECENT_S", "Entry", "stale", "mark_used", "prune"]
+__all__ = ["KEEP_ENTRIES", "KEEP_RECENT_S", "Entry", "stale", "mark_used", "prune", "remove_tree"]
 
 #: entries of one kind kept whatever their age
 KEEP_ENTRIES = 3
@@ -50,13 +51,14 @@ def mark_used(entry: Path) -> None:
 
 
 def prune(cache: Path, kind: str, current: Path, report: Callable[[str], None] = lambda line: None,
-          lock_file: Callable[[Path], Path] | None = None) -> list[Path]:
-    """Remove the stale entries ``KIND-KEY`` (KEY: 12 hex digits) of ``cache``; returns them.
+          lock_file: Callable[[Path], Path] | None = None, *, keep: int = KEEP_ENTRIES,
+          recent_s: float = KEEP_RECENT_S) -> list[Path]:
+    """Remove the stale entries ``KIND-KEY`` (KEY: 12 to 64 hex digits) of ``cache``; returns them.
 
     ``lock_file`` names an entry's lock: an entry whose lock another process holds
     (it is being checked or built) is kept. Without it the caller holds the cache's lock.
     """
-    pattern = re.compile(re.escape(kind) + r"-[0-9a-f]{12}")
+    pattern = re.compile(re.escape(kind) + r"-[0-9a-f]{12,64}")
     entries = []
     for path in cache.iterdir() if cache.is_dir() else ():
         if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
@@ -66,9 +68,9 @@ def prune(cache: Path, kind: str, current: Path, report: Callable[[str], None] =
                 continue
     now = time.time()
     removed = []
-    for entry in stale(entries, current, now):
+    for entry in stale(entries, current, now, keep, recent_s):
         if lock_file is None:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            remove_tree(entry.path)
         elif not _remove_unlocked(entry.path, lock_file(entry.path)):
             continue
         report(f"cache: removed {entry.path.name}, unused for {(now - entry.last_used) / 86400:.1f} days")
@@ -88,7 +90,15 @@ def _remove_unlocked(path: Path, lock_file: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return False
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
         return True
     finally:
         os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder, never crossing into another file system: a root file system that
+    a failed build left may still hold a mount, and may hold read-only folders."""
+    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)

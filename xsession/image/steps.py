@@ -16,12 +16,13 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .. import cachepruning
 
 RECORD = "step.json"
 KEEP = 2  # outputs kept per step (the current one included)
@@ -185,29 +186,18 @@ class StepCache:
             (tmp / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
             tmp.rename(path)
             self.report(f"{name}: built in {seconds:.0f} s")
-        self._prune(name)
+        self._prune(name, path)
         return Output(name, key, path, True, seconds, record)
 
-    def _prune(self, name: str) -> None:
-        """Remove all but the newest KEEP outputs of ``name`` that nobody is using."""
-        outputs = sorted((p for p in self.root.glob(f"{name}-*") if p.is_dir() and
-                          p.name[len(name) + 1:].isalnum()), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in outputs[KEEP:]:
-            with open(self.root / "locks" / f"{old.name}.lock", "w") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                self.report(f"{name}: removing the old output {old.name}")
-                _remove(old)
-                (self.root / f"{old.name}.log").unlink(missing_ok=True)
+    def _prune(self, name: str, current: Path) -> None:
+        """Remove all but the KEEP most recently used outputs of ``name`` that nobody is using."""
+        for old in cachepruning.prune(self.root, name, current, self.report,
+                                      lambda old: self.root / "locks" / f"{old.name}.lock", keep=KEEP, recent_s=0):
+            (self.root / f"{old.name}.log").unlink(missing_ok=True)
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        # a root file system left by a failed build may hold read-only folders
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
+        cachepruning.remove_tree(path)  # a failed build's root file system: read-only folders, mounts
     else:
         path.unlink(missing_ok=True)
