@@ -43,7 +43,7 @@ def _entry(cache: Path, name: str, age_days: float) -> Path:
 
 def test_prune_removes_the_least_recently_used_and_leaves_others_alone(tmp_path):
     old = [_entry(tmp_path, f"server-{i:012x}", 10 + i) for i in range(4)]
-    recent = _entry(tmp_path, "server-0000000000aa", 0.5)
+    recent = _entry(tmp_path, "server-0000000000aa", 0.05)  # about an hour ago
     current = _entry(tmp_path, "server-0000000000bb", 30)
     locked = _entry(tmp_path, "server-0000000000cc", 40)
     strangers = [_entry(tmp_path, name, 50) for name in

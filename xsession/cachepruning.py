@@ -24,8 +24,9 @@ __all__ = ["KEEP_ENTRIES", "KEEP_RECENT_S", "Entry", "stale", "mark_used", "prun
 
 #: entries of one kind kept whatever their age
 KEEP_ENTRIES = 3
-#: an entry used this recently is kept whatever their number
-KEEP_RECENT_S = 24 * 3600.0
+#: an entry used this recently is kept whatever their number: a test run of another clone
+#: on this machine (under an hour) may be using it
+KEEP_RECENT_S = 2 * 3600.0
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,8 @@ def ensure_desktop_medium(report: Report = print, spec: Path = DEMO / "desktops.
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        for leftover in cache.glob("desktops-*.*"):  # a mastering that died (nobody masters while we hold the lock)
+            cachepruning.remove_tree(leftover)
         if not _valid(medium):
             _master_into(medium, key, spec, builds, report)
         cachepruning.mark_used(medium)
