@@ -14,7 +14,9 @@ the decoded length with the frame's content size, when the frame header
 promises both and the size is the manifest's ``raw_size`` (as mastering writes
 it); otherwise the sha256 of the file as well. Dom0 usually has one vCPU, on
 which hashing, decompression and xl's own reading take turns: a sha256 pass
-that repeats what zstd proves costs restore time for nothing.
+that repeats what zstd proves costs restore time for nothing. zstd and xl run
+as batch tasks there, so neither preempts the other at every write into the
+pipe; the device model xl starts gets the normal policy back.
 
 The domain's id and the unpause come from xenstore and libxenctrl in process
 (:mod:`.xenctl`): each ``xl`` call costs dom0 a libxl set-up on the same vCPU.
