@@ -91,6 +91,8 @@ def _remove_unlocked(path: Path, lock_file: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return False
+        if not path.exists():
+            return False  # another pruner was first
         remove_tree(path)
         return True
     finally:
