@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,3 +69,22 @@ def test_prune_removes_the_least_recently_used_and_leaves_others_alone(tmp_path)
 
 def test_prune_of_a_missing_cache_is_nothing(tmp_path):
     assert prune(tmp_path / "none", "server", tmp_path / "none" / "server-000000000000") == []
+
+
+def test_two_pruners_at_once_keep_the_same_entries_and_remove_each_once(tmp_path):
+    """Two test workers (or two clones) ask for the same build at once: both prune."""
+    names = [f"xubuntu-{i:012x}" for i in range(10)]
+    for i, name in enumerate(names):
+        _entry(tmp_path, name, 1 + i / 10)
+    current = tmp_path / names[5]
+    code = ("import sys; from pathlib import Path; from xsession import cachepruning as cp; "
+            "cur = Path(sys.argv[1]); cp.mark_used(cur); "
+            "[print(p.name) for p in cp.prune(cur.parent, 'xubuntu', cur, "
+            "lock_file=lambda o: o.parent / f'.{o.name}.lock')]")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(current)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    removed = [line for p in procs for line in p.communicate(timeout=60)[0].split()]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(
+        [names[0], names[1], names[5]])
+    assert sorted(removed) == sorted(set(names) - {names[0], names[1], names[5]})
