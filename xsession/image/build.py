@@ -14,7 +14,8 @@ from ..manifest import MANIFEST_RELPATH, load_manifest
 from . import dom0, iso, xenmaster
 from .steps import Report, StepCache
 
-DEFAULT_CACHE = Path("/var/cache/xenubuntu/image")
+#: the step cache; XENUBUNTU_IMAGE_CACHE moves it (as XENUBUNTU_CACHE moves the flavours)
+DEFAULT_CACHE = Path(os.environ.get("XENUBUNTU_IMAGE_CACHE", "/var/cache/xenubuntu/image"))
 
 
 @dataclass
