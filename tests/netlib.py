@@ -109,6 +109,7 @@ def guest_sh(serial_sock: Path | str, command: str, timeout: float = 30.0) -> li
 
 
 def reaches(serial_sock: Path | str, address: str) -> bool:
-    """Whether a guest's ping to ``address`` comes back."""
-    out = guest_sh(serial_sock, f"ping -c 1 -W 3 {address} >/dev/null 2>&1 && echo REACHED || echo UNREACHED")
+    """Whether any of three pings from a guest to ``address`` comes back: one can be lost
+    while a manager takes the network over on a loaded host (the answer is then late)."""
+    out = guest_sh(serial_sock, f"ping -c 3 -W 3 {address} >/dev/null 2>&1 && echo REACHED || echo UNREACHED")
     return "REACHED" in out
