@@ -21,7 +21,7 @@ from typing import Any
 
 from gi.repository import GLib
 
-from xsession.hypervisor.qga import GuestAgent
+from xsession.hypervisor.qga import AgentError, GuestAgent
 from xsession.manifest import MANIFEST_RELPATH, load_manifest
 from xsession.office.dbus import OFFICE_IFACE, OFFICE_PATH
 
@@ -51,7 +51,10 @@ def _office(client: Client) -> dict[str, Any]:
 def _wait(what: str, check: Callable[[], Any], timeout: float = WORK_S, every: float = 1.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = check()
+        try:
+            result = check()
+        except AgentError:  # a guest's agent just restored or reset may answer garbage once
+            result = None
         if result:
             return result
         time.sleep(every)
