@@ -107,8 +107,8 @@ def make_engine(runtime_dir: Path):
 
     engines = []
 
-    def make(manifest: Manifest, cmdline: str = "", **kw) -> Engine:
-        engine = Engine(manifest, QemuBackend(), runtime_dir, parse_cmdline(cmdline), **kw)
+    def make(manifest: Manifest, cmdline: str = "", backend: QemuBackend | None = None, **kw) -> Engine:
+        engine = Engine(manifest, backend or QemuBackend(), runtime_dir, parse_cmdline(cmdline), **kw)
         engines.append(engine)
         return engine
 

@@ -358,3 +358,62 @@ def test_a_mastering_spec_carries_its_office_checked_by_the_manifest_rules(tmp_p
     with pytest.raises(ManifestError) as e:
         load_spec(bad)
     assert e.value.field == "office.desktops[1]" and e.value.path == str(bad)
+
+
+# --- a statefile split for lazy restores ---------------------------------------------------
+
+LAZY = {"ram": {"path": "flavours/kubuntu/lazy-ram.zst", "size": 900, "sha256": "b" * 64, "compression": "zstd",
+                "raw_size": 256 << 20},
+        "devices": {"path": "flavours/kubuntu/lazy-devices.zst", "size": 90, "sha256": "c" * 64,
+                    "compression": "zstd", "raw_size": 600},
+        "held_mib": 92}
+
+
+def _with_lazy(**changes) -> dict:
+    data = copy.deepcopy(GOOD)
+    data["flavours"][0]["statefile"]["lazy"] = dict(copy.deepcopy(LAZY), **changes)
+    return data
+
+
+def test_a_lazy_section_parses_and_round_trips_and_its_absence_means_none():
+    m = parse(_with_lazy())
+    lazy = m.flavour("kubuntu").statefile.lazy
+    assert lazy.ram.raw_size == 256 << 20 and lazy.devices.path.endswith("lazy-devices.zst") and lazy.held_mib == 92
+    assert parse(manifest_to_dict(m)) == m
+    assert parse(GOOD).flavour("kubuntu").statefile.lazy is None
+
+
+LAZY_CASES = [
+    ({"ram": dict(LAZY["ram"], raw_size=128 << 20)}, "statefile.lazy.ram.raw_size", "the guest's memory"),
+    ({"ram": dict(LAZY["ram"], compression="none")}, "statefile.lazy.ram.compression", "one of zstd"),
+    ({"devices": dict(LAZY["devices"], path="../x")}, "statefile.lazy.devices.path", "inside"),
+    ({"devices": dict(LAZY["devices"], path=LAZY["ram"]["path"])}, "statefile.lazy.devices.path", "RAM image"),
+    ({"held_mib": 257}, "statefile.lazy.held_mib", "from 0 to the guest's memory (256)"),
+    ({"held_mib": -1}, "statefile.lazy.held_mib", "from 0"),
+    ({"held_mib": "92"}, "statefile.lazy.held_mib", "integer"),
+    ({"pages": 3}, "statefile.lazy.pages", "not a known field"),
+]
+
+
+@pytest.mark.parametrize("changes,field,words", LAZY_CASES, ids=[c[1] + ":" + c[2] for c in LAZY_CASES])
+def test_a_bad_lazy_section_is_refused_naming_its_field(changes, field, words):
+    with pytest.raises(ManifestError) as e:
+        parse(_with_lazy(**changes))
+    assert e.value.flavour == "kubuntu" and e.value.field == field and words in str(e.value), str(e.value)
+
+
+def test_a_lazy_section_is_for_qemu_flavours_only():
+    data = _with_lazy()
+    data["flavours"][0]["backend"] = "xen"
+    with pytest.raises(ManifestError) as e:
+        parse(data)
+    assert e.value.field == "statefile.lazy" and "QEMU" in str(e.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(["ram", "devices", "held_mib", "other"]), value=yaml_values)
+def test_any_lazy_section_gives_a_manifest_or_a_manifest_error(key, value):
+    try:
+        parse(_with_lazy(**{key: value}))
+    except ManifestError as e:
+        assert str(e).startswith("MEDIUM/xenubuntu/manifest.yaml")

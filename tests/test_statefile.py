@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from xsession.errors import MediumUnavailable, StatefileCorrupt
-from xsession.manifest import MachineConfig, Statefile
+from xsession.hypervisor.lazyram import decode_ram_image, held_mib
+from xsession.manifest import MachineConfig, StatePart, Statefile
 from xsession.statefile import Feeder, batch_scheduling, precheck, zstd_checks_suffice
 
 from .guestlib import damage
@@ -195,3 +196,41 @@ def test_batch_scheduling_of_a_process_that_is_gone_is_no_error():
     proc = subprocess.Popen(["true"])
     proc.wait()
     batch_scheduling(proc.pid)
+
+
+def _ram_image(tmp_path: Path) -> tuple[Path, StatePart, bytes]:
+    """A RAM image as mastering writes it: 8 MiB of mostly zero pages, zstd with checksums."""
+    image = bytearray(8 << 20)
+    for page in (0, 3, 700, 2047):
+        image[page * 4096:page * 4096 + 5] = b"page%d" % (page % 10)
+    raw = tmp_path / "ram.img"
+    raw.write_bytes(image)
+    path = tmp_path / "ram.zst"
+    subprocess.run(["zstd", "-q", "--check", "-f", str(raw), "-o", str(path)], check=True)
+    data = path.read_bytes()
+    return path, StatePart(path.name, len(data), hashlib.sha256(data).hexdigest(), "zstd", len(image)), bytes(image)
+
+
+def test_a_ram_image_decodes_sparse_and_whole(tmp_path: Path):
+    path, part, image = _ram_image(tmp_path)
+    dest = tmp_path / "decoded.img"
+    decode_ram_image(path, part, dest)
+    assert dest.read_bytes() == image
+    assert held_mib(dest) <= 1, "zero pages take no memory"
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "wrong size"])
+def test_a_damaged_ram_image_is_refused_and_named(tmp_path: Path, how: str):
+    path, part, _ = _ram_image(tmp_path)
+    data = bytearray(path.read_bytes())
+    if how == "flipped":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        part = StatePart(part.path, part.size, hashlib.sha256(data).hexdigest(), "zstd", part.raw_size)
+    elif how == "truncated":
+        path.write_bytes(bytes(data[:-40]))
+    else:
+        part = StatePart(part.path, part.size, part.sha256, "zstd", part.raw_size + 4096)
+    with pytest.raises(StatefileCorrupt) as e:
+        decode_ram_image(path, part, tmp_path / "decoded.img")
+    assert {"flipped": "zstd", "truncated": "truncated", "wrong size": "decoded to"}[how] in str(e.value)

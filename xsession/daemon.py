@@ -90,8 +90,9 @@ def _make_backend(manifest: Manifest) -> Any:
     if kinds == {"xen"}:
         from .hypervisor.xen import XenBackend
         return XenBackend()
-    from .hypervisor.qemu import QemuBackend
-    return QemuBackend()
+    from .hypervisor.qemu import QEMU_BINARY, QemuBackend
+    # XENUBUNTU_QEMU: another QEMU than the system's (one that restores lazily, 8.2 or later)
+    return QemuBackend(binary=os.environ.get("XENUBUNTU_QEMU") or QEMU_BINARY)
 
 
 @dataclass

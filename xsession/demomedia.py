@@ -40,7 +40,7 @@ from . import network as _network
 from .mastering.master import load_spec, master_medium
 
 __all__ = ["REPO", "DEMO", "CACHE", "MEDIA_CACHE", "REAL_FLAVOURS", "ensure_demo_medium", "ensure_real_flavour",
-           "ensure_desktop_medium"]
+           "ensure_desktop_medium", "lazy_qemu"]
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "demo"
@@ -65,11 +65,26 @@ def ensure_demo_medium(cache: Path = CACHE, report: Report = print) -> Path:
         subprocess.run([str(DEMO / "build-guests.sh"), str(guests)], check=True)
         manifest = medium / MANIFEST_RELPATH
         inputs = [DEMO / "flavours.yaml", guests / "vmlinuz", *guests.glob("initrd-*.cpio")]
-        if not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs):
+        if (not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs)
+                or not _split_for_lazy_restores(manifest)):
             report("mastering the demo medium (each flavour boots once and is saved) ...")
             master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium,
-                          report=lambda line: report("  " + line))
+                          report=lambda line: report("  " + line), lazy_qemu=lazy_qemu())
     return medium
+
+
+def lazy_qemu() -> str:
+    """A QEMU that restores lazily (8.2 or later): Debian 12's backport, unpacked into a
+    machine-wide cache beside the system's 7.2 (``tools/qemu-backports``)."""
+    out = subprocess.run([str(REPO / "tools" / "qemu-backports")], check=True, stdout=subprocess.PIPE, text=True)
+    return str(Path(out.stdout.strip().splitlines()[-1]) / "qemu-system-x86_64")
+
+
+def _split_for_lazy_restores(manifest: Path) -> bool:
+    try:
+        return all(f.statefile is None or f.statefile.lazy is not None for f in load_manifest(manifest).flavours)
+    except XSessionError:
+        return False
 
 
 def ensure_real_flavour(name: str, report: Report | None = None) -> Path:

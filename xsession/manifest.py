@@ -40,6 +40,8 @@ __all__ = [
     "FORMAT",
     "MachineConfig",
     "Statefile",
+    "StatePart",
+    "LazyImage",
     "Disk",
     "ColdBoot",
     "Flavour",
@@ -132,15 +134,39 @@ class MachineConfig:
 
 
 @dataclass(frozen=True)
-class Statefile:
-    """A saved running state: where it is and how to check it before trusting it."""
+class StatePart:
+    """A file of saved state on the medium and how to check it before trusting it."""
 
     path: str
     size: int
     sha256: str
     compression: str
     raw_size: int
+
+
+@dataclass(frozen=True)
+class LazyImage:
+    """The same saved state split for a lazy restore (QEMU 8.2 or later).
+
+    ``ram`` is the guest's RAM as a flat image (zstd); decoded into memory, it is
+    mapped copy-on-write as the guest's RAM, so the guest runs at once and pages
+    come in as it touches them. ``devices`` is the migration stream without the RAM
+    (``x-ignore-shared``). ``held_mib`` is what the decoded image holds in memory
+    (its pages that are not zero): the memory plan counts it beside the guest's own.
+    """
+
+    ram: StatePart
+    devices: StatePart
+    held_mib: int
+
+
+@dataclass(frozen=True)
+class Statefile(StatePart):
+    """A saved running state: where it is and how to check it before trusting it."""
+
     saved_with: MachineConfig
+    #: the same state for a lazy restore, where the medium has it
+    lazy: LazyImage | None = None
 
 
 @dataclass(frozen=True)
@@ -388,17 +414,12 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
     sf_r = r.sub("statefile", None)
     statefile = None
     if sf_r is not None:
-        sf_r.reject_unknown({"path", "size", "sha256", "compression", "raw_size", "saved_with"})
-        sha = sf_r.matching("sha256", SHA256_RE, "64 lower-case hexadecimal digits")
+        sf_r.reject_unknown({"path", "size", "sha256", "compression", "raw_size", "saved_with", "lazy"})
+        part = _state_part(sf_r, COMPRESSIONS)
         saved_with = _machine(sf_r.sub("saved_with"))  # type: ignore[arg-type]
-        statefile = Statefile(
-            path=sf_r.relpath("path"),
-            size=sf_r.int_in("size", "statefile.size"),
-            sha256=sha,
-            compression=sf_r.choice("compression", COMPRESSIONS),
-            raw_size=sf_r.int_in("raw_size", "statefile.raw_size"),
-            saved_with=saved_with,
-        )
+        lazy_r = sf_r.sub("lazy", None)
+        lazy = None if lazy_r is None else _lazy(lazy_r, backend, machine)
+        statefile = Statefile(**dataclasses.asdict(part), saved_with=saved_with, lazy=lazy)
         diffs = machine.differences(saved_with)
         if diffs:
             raise r.error("machine configuration differs from the one the statefile needs: " + "; ".join(diffs),
@@ -443,6 +464,36 @@ def _flavour(path: str, raw: Any, index: int) -> Flavour:
         iso=iso,
         still=r.relpath("still", None),
     )
+
+
+def _state_part(r: _Reader, compressions: tuple[str, ...]) -> StatePart:
+    return StatePart(
+        path=r.relpath("path"),
+        size=r.int_in("size", "statefile.size"),
+        sha256=r.matching("sha256", SHA256_RE, "64 lower-case hexadecimal digits"),
+        compression=r.choice("compression", compressions),
+        raw_size=r.int_in("raw_size", "statefile.raw_size"),
+    )
+
+
+def _lazy(r: _Reader, backend: str, machine: MachineConfig) -> LazyImage:
+    """``statefile.lazy``: both parts zstd (decoding checks them), the RAM image exactly
+    the guest's memory, QEMU only."""
+    r.reject_unknown({"ram", "devices", "held_mib"})
+    if backend != "qemu":
+        raise r.error("is for QEMU flavours only", r.prefix.rstrip("."))
+    ram = _state_part(r.sub("ram"), ("zstd",))  # type: ignore[arg-type]
+    devices = _state_part(r.sub("devices"), ("zstd",))  # type: ignore[arg-type]
+    if ram.raw_size != machine.memory_mib << 20:
+        raise r.error(f"must be the guest's memory, {machine.memory_mib << 20} bytes, got {ram.raw_size}",
+                      r.prefix + "ram.raw_size")
+    if ram.path == devices.path:
+        raise r.error("must not be the RAM image's file", r.prefix + "devices.path")
+    held = r.get("held_mib", int)
+    if not 0 <= held <= machine.memory_mib:
+        raise r.error(f"must be from 0 to the guest's memory ({machine.memory_mib}), got {_short(held)}",
+                      r.prefix + "held_mib")
+    return LazyImage(ram=ram, devices=devices, held_mib=held)
 
 
 def parse_office(raw: Any, names: tuple[str, ...], path: str = MANIFEST_RELPATH) -> OfficeLayout:

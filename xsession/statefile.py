@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MediumUnavailable, StatefileCorrupt
-from .manifest import Statefile
+from .manifest import StatePart
 
 __all__ = ["ZSTD_MAGIC", "precheck", "FeedResult", "Feeder", "sha256_of", "widen_pipe", "zstd_checks_suffice",
            "batch_scheduling"]
@@ -40,7 +40,7 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def precheck(path: Path, sf: Statefile, medium_root: Path | None = None) -> None:
+def precheck(path: Path, sf: StatePart, medium_root: Path | None = None) -> None:
     """The checks that cost nothing: the file is there, has its recorded size and
     starts like its compression says.
 
@@ -91,8 +91,8 @@ class Feeder(threading.Thread):
     stream; :meth:`cancel` stops a feed whose reader died.
     """
 
-    def __init__(self, path: Path, sf: Statefile, out_fd: int, progress: Callable[[int, int], None] | None = None,
-                 *, verify_sha256: bool = True, batch: bool = False):
+    def __init__(self, path: Path, sf: StatePart, out_fd: int, progress: Callable[[int, int], None] | None = None,
+                 *, verify_sha256: bool = True, batch: bool = False, sparse: bool = False):
         super().__init__(name=f"feed-{path.name}", daemon=True)
         self.path = path
         self.sf = sf
@@ -100,6 +100,8 @@ class Feeder(threading.Thread):
         self.verify_sha256 = verify_sha256
         #: the decompressor runs as a batch task (:func:`batch_scheduling`), for a reader that does too
         self.batch = batch
+        #: ``out_fd`` is a file: runs of zeros are skipped, not written (a RAM image stays sparse)
+        self.sparse = sparse
         self.out_fd = out_fd  # closed in run(), always
         self.progress = progress
         self._cancel = threading.Event()
@@ -155,7 +157,8 @@ class Feeder(threading.Thread):
         try:
             if self.sf.compression == "zstd":
                 # zstd verifies each frame's content checksum and exits non-zero on damage
-                self._proc = subprocess.Popen(["zstd", "-dcq", "--no-progress"], stdin=subprocess.PIPE,
+                argv = ["zstd", "-dcq", "--no-progress"] + (["--sparse"] if self.sparse else [])
+                self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                               stdout=self.out_fd, stderr=subprocess.PIPE)
                 if self.batch:
                     batch_scheduling(self._proc.pid)
@@ -308,7 +311,7 @@ def batch_scheduling(pid: int) -> None:
         pass
 
 
-def zstd_checks_suffice(path: Path, sf: Statefile) -> bool:
+def zstd_checks_suffice(path: Path, sf: StatePart) -> bool:
     """Whether zstd itself proves the stream whole and true, so no sha256 pass is needed.
 
     True when the (first and only, as mastering writes it) frame's header promises

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HypervisorError, MediumUnavailable, NetworkError, StatefileCorrupt
-from ..manifest import Flavour, MachineConfig, Manifest
+from ..manifest import Flavour, LazyImage, MachineConfig, Manifest, StatePart
 from ..cpumodel import HostCpu, check_model, read_cpuinfo
 from ..diskchain import check_chain
 from ..netplan import guest_mac
@@ -49,6 +49,7 @@ from ..screen import Picture, colours, digest, read_ppm, settled, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import ExitCallback, HostMemory, Progress, ScreenCache
 from .bootstub import boot_files_for_restore
+from .lazyram import RAM_ID, RamFile, decode_ram_image, held_mib, maps_private_readonly
 from .console import wait_for_text
 from .qmp import QMP
 
@@ -91,11 +92,12 @@ SETTLE_AFTER_READY_S = 120.0
 def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Flavour, rundir: Path,
               disk: Path | None, *, incoming: str | None = None, vnc: bool = True,
               accel: str | None = None, disk_backing: Path | None = None,
-              vmgenid_guid: str = "auto", netdev: str | None = None) -> list[str]:
+              vmgenid_guid: str = "auto", netdev: str | None = None, ram: RamFile | None = None) -> list[str]:
     """The one place a QEMU command line is built, for saving, restoring and cold booting alike.
 
     Guest-visible parts come only from ``machine`` and the flavour's boot files; the
     rest (monitor, serial backend, VNC, pid file) is host-side and may vary.
+    ``ram``: the guest's RAM as a file (:mod:`.lazyram`), which the guest does not see.
     """
     accel = accel or machine.accel
     accel_opt = f"tcg,tb-size={TCG_TB_MIB}" if accel == "tcg" else accel
@@ -103,7 +105,7 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
     argv = [
         QEMU_BINARY,
         "-name", f"guest={name},process=xsession-{name}",
-        "-machine", machine.machine_type,
+        "-machine", machine.machine_type + (f",memory-backend={RAM_ID}" if ram is not None else ""),
         "-accel", accel_opt,
         "-cpu", machine.cpu,
         "-m", str(machine.memory_mib),
@@ -156,6 +158,8 @@ def qemu_argv(name: str, machine: MachineConfig, manifest: Manifest, flavour: Fl
             argv += ["-device", f"virtio-net-pci,mac={guest_mac(name)}"]
     if vnc:
         argv += ["-vnc", f"unix:{_q(rundir / 'vnc.sock')}"]
+    if ram is not None:
+        argv += ram.argv()
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv
@@ -226,6 +230,8 @@ class QemuGuest:
         self.channel: ChannelReader | None = None
         #: what happened after a restore that a person should know (the clock, the network)
         self.note = ""
+        #: restored from its RAM image mapped copy-on-write (:mod:`.lazyram`), not the stream
+        self.restored_lazily = False
         self._screen = ScreenCache(self.screendump)
         self._watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
         self._watcher.start()
@@ -426,14 +432,16 @@ class QemuBackend:
     name = "qemu"
 
     def __init__(self, binary: str = QEMU_BINARY, vmgenid_guid: str = "auto", freshen: bool = True,
-                 boot_stub: bool = True):
+                 boot_stub: bool = True, lazy: bool = True):
         """``vmgenid_guid``: the VM generation ID a guest gets; ``auto``, a new one each
         time, is what makes every restored guest reseed its random generator.
         ``freshen``: set a restored guest's clock and renew its network (off only to
         measure QEMU alone, or to show what a restore without it leaves).
         ``boot_stub``: a restore gives QEMU stubs for the kernel and initrd it never
-        runs (:mod:`.bootstub`); off only to measure what reading them costs."""
+        runs (:mod:`.bootstub`); off only to measure what reading them costs.
+        ``lazy``: restore lazily where the medium and this QEMU can (:meth:`restores_lazily`)."""
         self.binary = binary
+        self.lazy = lazy
         self.vmgenid_guid = vmgenid_guid
         self.freshen = freshen
         self.boot_stub = boot_stub
@@ -482,8 +490,12 @@ class QemuBackend:
         return HostMemory(total_mib=info.get("MemTotal", 0) // 1024, free_mib=info.get("MemAvailable", 0) // 1024)
 
     def overhead_mib(self, flavour: Flavour) -> int:
+        """QEMU itself, TCG's cache, and a lazy restore's decoded RAM image: its pages stay
+        while the guest's written pages become copies of their own (never over-committed)."""
         extra = TCG_TB_MIB if flavour.machine.accel == "tcg" else 0
-        return QEMU_OVERHEAD_MIB + extra
+        sf = flavour.statefile
+        held = sf.lazy.held_mib if sf is not None and sf.lazy is not None and self.restores_lazily(flavour) else 0
+        return QEMU_OVERHEAD_MIB + extra + held
 
     def in_dom0_mib(self, flavour: Flavour) -> int:
         """0: QEMU's sessions run on the host itself, which no balloon shrinks."""
@@ -529,7 +541,8 @@ class QemuBackend:
     def _launch(self, flavour: Flavour, manifest: Manifest, rundir: Path,
                 disk: tuple[Path | None, Path | None] | Path, *,
                 incoming_fd: int | None = None, vnc: bool = True, accel: str | None = None,
-                mode: str) -> QemuGuest:
+                mode: str, ram: RamFile | None = None) -> QemuGuest:
+        """Start QEMU; with ``ram`` it waits (``-incoming defer``) for :meth:`_start_incoming`."""
         overlay, backing = disk if isinstance(disk, tuple) else (disk, None)
         netdev = None
         if flavour.machine.nic == "internal" and self.network is not None:
@@ -538,9 +551,10 @@ class QemuBackend:
             except NetworkError as e:  # the session runs, unplugged, and says why
                 logging.getLogger(__name__).warning("%s: runs without the internal network: %s", flavour.name,
                                                     e, extra={"SESSION": flavour.name})
+        incoming = None if incoming_fd is None else "defer" if ram is not None else f"fd:{incoming_fd}"
         argv = qemu_argv(flavour.name, flavour.machine, manifest, flavour, rundir, overlay,
-                         incoming=None if incoming_fd is None else f"fd:{incoming_fd}", vnc=vnc, accel=accel,
-                         disk_backing=backing, vmgenid_guid=self.vmgenid_guid, netdev=netdev)
+                         incoming=incoming, vnc=vnc, accel=accel, disk_backing=backing,
+                         vmgenid_guid=self.vmgenid_guid, netdev=netdev, ram=ram)
         argv[0] = self.binary
         if incoming_fd is not None and self.boot_stub:
             try:
@@ -570,6 +584,11 @@ class QemuBackend:
                 source: Path | None = None) -> QemuGuest:
         """Restore the flavour's statefile; the guest runs when this returns.
 
+        Lazily (:mod:`.lazyram`) where the medium has the flavour's RAM image and this
+        QEMU can map it, else from the stream (``source``: a preloaded copy of it). A
+        lazy restore that fails, a damaged image included, gives way to the stream; the
+        guest's ``restored_lazily`` and ``note`` tell which ran and why.
+
         :raises StatefileCorrupt: size, zstd or sha256 check failed (before or during the feed).
         :raises MediumUnavailable: the statefile or disk could not be read.
         :raises HypervisorError: QEMU refused the stream or died; its own words included.
@@ -586,13 +605,74 @@ class QemuBackend:
         if flavour.machine.accel == "kvm":
             # a model that needs a flag this CPU lacks would fail in the guest: refuse, cold boot
             check_model(sf.saved_with.cpu, self.host_cpu())
-        deadline = time.monotonic() + RESTORE_BASE_TIMEOUT_S + sf.size / RESTORE_BYTES_PER_S
+        refused = ""
+        if source is None and self.restores_lazily(flavour):
+            try:
+                guest = self._restore_lazily(flavour, manifest, rundir, progress)
+                guest.restored_lazily = True
+                return self._resume(guest, flavour)
+            except (StatefileCorrupt, MediumUnavailable, HypervisorError) as e:
+                if self._aborting.is_set():
+                    raise
+                refused = f"the lazy restore failed ({e}); restored from the stream"
+                log.warning("%s: %s", flavour.name, refused, extra={"SESSION": flavour.name})
+        guest = self._load(flavour, manifest, rundir, path, sf, progress)
+        guest = self._resume(guest, flavour)
+        guest.note = "; ".join(n for n in (refused, guest.note) if n)
+        return guest
+
+    def restores_lazily(self, flavour: Flavour) -> bool:
+        """Whether a restore of ``flavour`` maps its RAM image: the medium has one, this
+        QEMU can map it, and lazy restores are on."""
+        sf = flavour.statefile
+        return self.lazy and sf is not None and sf.lazy is not None and maps_private_readonly(self.binary)
+
+    def _restore_lazily(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress) -> QemuGuest:
+        """Decode the RAM image into the run folder, map it, load the devices' state.
+
+        The image's file is removed once QEMU maps it: its memory lives as long as the
+        guest, and nothing is left behind. The run folder belongs in memory (tmpfs).
+        """
+        sf = flavour.statefile
+        assert sf is not None and sf.lazy is not None
+        lazy = sf.lazy
+        total = lazy.ram.size + lazy.devices.size
+        rundir.mkdir(parents=True, exist_ok=True)
+        image = rundir / "ram.img"
+        try:
+            decode_ram_image(manifest.resolve(lazy.ram.path), lazy.ram, image, manifest.root,
+                             lambda done, _: progress(done, total))
+            ram = RamFile(image, flavour.memory_mib, writable=False)
+            return self._load(flavour, manifest, rundir, manifest.resolve(lazy.devices.path), lazy.devices,
+                              lambda done, _: progress(lazy.ram.size + done, total), ram=ram, ignore_shared=True)
+        finally:
+            image.unlink(missing_ok=True)
+
+    def _resume(self, guest: QemuGuest, flavour: Flavour) -> QemuGuest:
+        try:
+            guest.resume()
+            if self.freshen:
+                guest.note = self._freshen(guest, flavour)
+            return guest
+        except BaseException:
+            guest.stop()
+            raise
+
+    def _load(self, flavour: Flavour, manifest: Manifest, rundir: Path, path: Path, part: StatePart,
+              progress: Progress, *, ram: RamFile | None = None, ignore_shared: bool = False) -> QemuGuest:
+        """Start QEMU on the stream in ``path``; returns the guest loaded, checked and paused.
+
+        ``ram``: the guest's RAM as a file; ``ignore_shared``: the stream does not carry
+        it (a lazy restore's devices' state).
+        """
+        precheck(path, part, manifest.root)
+        deadline = time.monotonic() + RESTORE_BASE_TIMEOUT_S + part.size / RESTORE_BYTES_PER_S
         read_fd, write_fd = os.pipe()
         widen_pipe(write_fd)
-        feeder = Feeder(path, sf, write_fd, progress)  # closes write_fd, started or not
+        feeder = Feeder(path, part, write_fd, progress)  # closes write_fd, started or not
         try:
             disk = self._prepare(flavour, manifest, rundir)
-            guest = self._launch(flavour, manifest, rundir, disk, incoming_fd=read_fd, mode="restore")
+            guest = self._launch(flavour, manifest, rundir, disk, incoming_fd=read_fd, mode="restore", ram=ram)
         except BaseException:
             feeder.discard()
             raise
@@ -601,6 +681,8 @@ class QemuBackend:
         try:
             try:
                 guest.connect(max(1.0, deadline - time.monotonic()))
+                if ram is not None:
+                    self._start_incoming(guest, read_fd, ignore_shared)
             except BaseException as e:
                 feeder.discard()
                 if isinstance(e, HypervisorError) and guest.wait_exit(2.0) and guest.exit_reason:
@@ -634,9 +716,8 @@ class QemuBackend:
                 raise failure
             if not loaded:
                 raise HypervisorError(f"restore {flavour.name}", guest.exit_reason or "QEMU did not load the stream")
-            guest.resume()
-            if self.freshen:
-                guest.note = self._freshen(guest, flavour)
+            if ignore_shared:  # a save of this guest must carry its RAM again
+                self._set_ignore_shared(guest, False)
             return guest
         except TimeoutError as e:
             feeder.cancel()
@@ -646,6 +727,17 @@ class QemuBackend:
             feeder.cancel()
             guest.stop()
             raise
+
+    @staticmethod
+    def _set_ignore_shared(guest: QemuGuest, on: bool) -> None:
+        guest.qmp.execute("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+
+    def _start_incoming(self, guest: QemuGuest, fd: int, ignore_shared: bool) -> None:
+        """Start a deferred incoming migration from ``fd`` (QEMU's inherited copy of it)."""
+        if ignore_shared:
+            self._set_ignore_shared(guest, True)
+        guest.qmp.execute("migrate-incoming", {"uri": f"fd:{fd}"})
 
     @staticmethod
     def _wait_loaded(guest: QemuGuest, deadline: float, feeder: Feeder, aborting: threading.Event) -> bool:
@@ -834,6 +926,47 @@ class QemuBackend:
             time.sleep(WARM_AFTER_DROP_S)
         except AgentError as e:
             log.warning("%s: saved without dropping its caches: %s", guest.name, e)
+
+    def save_lazy_image(self, flavour: Flavour, manifest: Manifest, rundir: Path, level: int = 3) -> LazyImage:
+        """Split the flavour's statefile for a lazy restore: its RAM as an image, its devices' state alone.
+
+        The statefile is loaded (and checked) into a RAM file that QEMU writes through,
+        then the devices' state is saved without the RAM; the guest never runs in
+        between, so the two match exactly. Both go next to the statefile; the image is
+        decoded once more, as a restore will, to check it and to measure what it holds.
+        Needs a QEMU that maps lazily (:func:`.lazyram.maps_private_readonly`).
+        """
+        sf = flavour.statefile
+        assert sf is not None
+        if not maps_private_readonly(self.binary):
+            raise HypervisorError(f"split {flavour.name}",
+                                  f"{self.binary} cannot map a RAM image (QEMU 8.2 or later can)")
+        rel = Path(sf.path).parent
+        fdir = manifest.resolve(str(rel))
+        rundir.mkdir(parents=True, exist_ok=True)
+        image = rundir / "ram.img"
+        image.unlink(missing_ok=True)
+        try:
+            guest = self._load(flavour, manifest, rundir, manifest.resolve(sf.path), sf, lambda done, total: None,
+                               ram=RamFile(image, flavour.memory_mib, writable=True))
+            try:
+                self._set_ignore_shared(guest, True)
+            except BaseException:
+                guest.stop()
+                raise
+            devices = self.save(guest, fdir / "lazy-devices.zst", level=level)  # QEMU quits
+            ram_path = fdir / "lazy-ram.zst"
+            _run_tool(["zstd", "-q", f"-{level}", "-T0", "--check", "-f", str(image), "-o", str(ram_path)],
+                      "compress the RAM image", timeout=SAVE_TIMEOUT_S * 10)
+            ram = StatePart(path=str(rel / ram_path.name), size=ram_path.stat().st_size, sha256=sha256_of(ram_path),
+                            compression="zstd", raw_size=image.stat().st_size)
+            decode_ram_image(ram_path, ram, image)
+            held = held_mib(image)
+        finally:
+            image.unlink(missing_ok=True)
+        return LazyImage(ram=ram, devices=StatePart(path=str(rel / devices.path.name), size=devices.size,
+                                                    sha256=devices.sha256, compression="zstd",
+                                                    raw_size=devices.raw_size), held_mib=held)
 
     def save(self, guest: QemuGuest, dest: Path, compress: bool = True, level: int = 3,
              still: Path | None = None) -> SaveResult:

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool-debs", type=Path, metavar="DIR",
                    help="the builds' package cache: put the flavours' packages into the medium's signed "
                         "package pool (xenubuntu/pool/) and point their apt at it")
+    p.add_argument("--lazy-qemu", metavar="QEMU",
+                   help="a QEMU of 8.2 or later (qemu-system-x86_64): also split each statefile into a RAM "
+                        "image and the devices' state, for lazy restores")
     p.add_argument("--memory", type=_memory, action="append", default=[], metavar="NAME=MiB",
                    help="override a flavour's memory")
     args = p.parse_args(argv)
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         accel = resolve_accel(args.accel, spec, args.guests)
         master_medium(spec, args.guests, args.out, accel=accel, jobs=args.jobs, settle_s=args.settle,
-                      report=lambda line: print(line, flush=True), level=args.level, pool_debs=args.pool_debs)
+                      report=lambda line: print(line, flush=True), level=args.level, pool_debs=args.pool_debs,
+                      lazy_qemu=args.lazy_qemu)
     except XSessionError as e:
         print(f"xsession-master: {e}", file=sys.stderr)
         return 1

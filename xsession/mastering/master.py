@@ -146,7 +146,8 @@ def _with_nic(flavour: Flavour, nic: str) -> Flavour:
 
 def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, guests: Path, root: Path,
                 accel: str, settle_s: float, report: Report, level: int = 3,
-                before_save: Callable[[QemuGuest, Flavour], None] | None = None) -> Flavour:
+                before_save: Callable[[QemuGuest, Flavour], None] | None = None,
+                splitter: QemuBackend | None = None) -> Flavour:
     fdir = root / "flavours" / spec.name
     fdir.mkdir(parents=True, exist_ok=True)
     # under KVM a conservative named model this host runs, so the statefile restores on any
@@ -184,7 +185,19 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
         shutil.rmtree(rundir, ignore_errors=True)
     sf = Statefile(path=f"flavours/{spec.name}/state.zst", size=saved.size, sha256=saved.sha256,
                    compression="zstd", raw_size=saved.raw_size, saved_with=flavour.machine)
-    return replace(flavour, statefile=sf)
+    flavour = replace(flavour, statefile=sf)
+    if splitter is not None:
+        rundir = Path(tempfile.mkdtemp(prefix=f"xsm-{spec.name}-"))
+        try:
+            t1 = time.monotonic()
+            lazy = splitter.save_lazy_image(flavour, manifest, rundir, level)
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+        report(f"{spec.name}: split for lazy restores in {time.monotonic() - t1:.1f} s: RAM image "
+               f"{lazy.ram.size / 1e6:.1f} MB zstd (holds {lazy.held_mib} MiB decoded), devices "
+               f"{lazy.devices.size / 1e6:.2f} MB")
+        flavour = replace(flavour, statefile=replace(sf, lazy=lazy))
+    return flavour
 
 
 _READY_WORDS = {"console": "its console says so", "channel": "its guest agent says so",
@@ -215,7 +228,7 @@ def resolve_accel(accel: str, spec: MediumSpec, guests: Path) -> str:
 
 def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tcg", jobs: int = 2,
                   settle_s: float = 1.0, report: Report = print, level: int = 3,
-                  pool_debs: Path | None = None) -> Manifest:
+                  pool_debs: Path | None = None, lazy_qemu: str | None = None) -> Manifest:
     """Build a whole medium under ``out``; returns the validated manifest it wrote.
 
     ``pool_debs``: the builds' package cache; when given, the flavours' installed
@@ -226,6 +239,9 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     them about a fifth smaller (what a DVD reads) at a much longer mastering, and
     decompresses as fast (see bench/RESULTS.md).
 
+    ``lazy_qemu``: a QEMU that maps RAM images (8.2 or later); each statefile is then
+    also split for lazy restores (:meth:`QemuBackend.save_lazy_image`).
+
     :raises HypervisorError: a flavour did not boot or save.
     """
     root = out / "xenubuntu"
@@ -235,6 +251,8 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
     from ..hypervisor.qemu import QemuBackend
     # saved with a known generation ID: any restore that gives another one reseeds the guest
     backend = QemuBackend(vmgenid_guid=MASTERING_VMGENID)
+    splitter = None if lazy_qemu is None else QemuBackend(binary=lazy_qemu, vmgenid_guid=MASTERING_VMGENID,
+                                                          freshen=False)
     # flavours on the internal network are saved on it, with the addresses they keep at every restore
     on_net = [f.name for f in spec.flavours if f.nic == NIC_ON_NETWORK]
     network = InternalNetwork(plan_network(on_net, NetworkMode.INTERNAL),
@@ -251,7 +269,7 @@ def master_medium(spec: MediumSpec, guests: Path, out: Path, *, accel: str = "tc
                                      report)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as workers:
             futures = [workers.submit(_master_one, backend, f, spec, guests, root, accel, settle_s, report, level,
-                                      before_save)
+                                      before_save, splitter)
                        for f in spec.flavours]
             flavours = tuple(f.result() for f in futures)
         if pool is not None:

@@ -1,0 +1,129 @@
+"""Lazy restores for real: the demo medium's RAM images mapped copy-on-write by a QEMU
+that can (Debian 12's backport of QEMU 10), and the stream wherever that cannot be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xsession.demomedia import lazy_qemu
+from xsession.engine import State
+from xsession.hypervisor.lazyram import maps_private_readonly
+from xsession.hypervisor.qemu import QEMU_BINARY, QemuBackend
+from xsession.manifest import MANIFEST_RELPATH, load_manifest
+
+from .guestlib import ask, counters, damage, wait_for
+
+FLAVOUR = "kubuntu"
+
+
+@pytest.fixture(scope="module")
+def qemu10() -> str:
+    return lazy_qemu()
+
+
+def _continues(guest) -> None:
+    """The guest counts on from where it was saved, never booting again."""
+    answer = ask(guest.console["serial"], "PING lazy")
+    saved = int(answer.rsplit("counter=", 1)[1])
+    log = wait_for(guest.console["log"], b"COUNTER %d" % (saved + 2))
+    seen = counters(log)
+    assert seen == list(range(seen[0], seen[0] + len(seen))) and seen[0] in (saved, saved + 1), seen
+    assert b"XS-BOOT" not in log, "the guest booted again"
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def test_only_a_qemu_of_8_2_or_later_can_map_a_ram_image(qemu10):
+    assert maps_private_readonly(qemu10)
+    assert not maps_private_readonly(QEMU_BINARY), "Debian 12's QEMU 7.2 maps the file but its guest stays frozen"
+    assert not maps_private_readonly("/nonexistent/qemu-system-x86_64")
+
+
+def test_a_lazy_restore_runs_on_the_mapped_image_and_continues_where_it_was_saved(manifest, runtime_dir, qemu10):
+    flavour = manifest.flavour(FLAVOUR)
+    backend = QemuBackend(binary=qemu10)
+    assert backend.restores_lazily(flavour)
+    guest = backend.restore(flavour, manifest, runtime_dir / FLAVOUR, lambda done, total: None)
+    try:
+        assert guest.restored_lazily and "lazy" not in guest.note
+        _continues(guest)
+        # the guest's RAM is the decoded image, mapped private from a file that is gone from
+        # the run folder: its memory lives as long as QEMU, nothing is left behind
+        assert not (runtime_dir / FLAVOUR / "ram.img").exists()
+        maps = Path(f"/proc/{guest.pid}/maps").read_text().splitlines()
+        ram = [m for m in maps if m.endswith("ram.img (deleted)")]
+        assert ram and all(m.split()[1].endswith("p") for m in ram), ram
+        # it holds only what it touched: far less than the guest's memory, which an eager
+        # restore fills with every page it loads
+        status = _status(guest.pid)
+        assert status["RssShmem"] > 0, "the guest runs on the image's own pages"
+        assert status["RssAnon"] < flavour.memory_mib * 1024 // 2, status
+    finally:
+        guest.stop()
+
+
+def test_a_lazy_and_an_eager_restore_show_the_same_screen(manifest, runtime_dir, qemu10):
+    flavour = manifest.flavour(FLAVOUR)
+    pictures = []
+    for backend in (QemuBackend(binary=qemu10), QemuBackend(binary=qemu10, lazy=False)):
+        guest = backend.restore(flavour, manifest, runtime_dir / f"{FLAVOUR}-{len(pictures)}",
+                                lambda done, total: None)
+        try:
+            assert guest.restored_lazily is backend.lazy
+            pictures.append(guest.screendump())
+        finally:
+            guest.stop()
+    lazy, eager = pictures
+    assert (lazy.width, lazy.height) == (eager.width, eager.height)
+    assert lazy.rgb == eager.rgb
+
+
+@pytest.mark.parametrize("part", ["ram", "devices"])
+def test_a_damaged_lazy_image_is_caught_and_the_stream_restores_instead(part, medium, runtime_dir, qemu10):
+    manifest = load_manifest(medium / MANIFEST_RELPATH)
+    lazy = manifest.flavour(FLAVOUR).statefile.lazy
+    damage(manifest.resolve(getattr(lazy, part).path))
+    guest = QemuBackend(binary=qemu10).restore(manifest.flavour(FLAVOUR), manifest, runtime_dir / FLAVOUR,
+                                               lambda done, total: None)
+    try:
+        assert not guest.restored_lazily
+        assert "the lazy restore failed" in guest.note, guest.note
+        assert "sha256 mismatch" in guest.note or "zstd" in guest.note, guest.note
+        _continues(guest)
+    finally:
+        guest.stop()
+
+
+def test_where_qemu_cannot_map_the_image_the_stream_restores_and_the_plan_holds_no_image(manifest, runtime_dir,
+                                                                                       qemu10):
+    flavour = manifest.flavour(FLAVOUR)
+    old, new = QemuBackend(), QemuBackend(binary=qemu10)
+    assert not old.restores_lazily(flavour)
+    # a lazy guest's decoded image stays as long as it runs, beside the pages it writes
+    assert new.overhead_mib(flavour) == old.overhead_mib(flavour) + flavour.statefile.lazy.held_mib
+    guest = old.restore(flavour, manifest, runtime_dir / FLAVOUR, lambda done, total: None)
+    try:
+        assert not guest.restored_lazily and "lazy" not in guest.note
+        _continues(guest)
+    finally:
+        guest.stop()
+
+
+def test_the_engine_restores_the_default_lazily_and_the_rest_in_order(manifest, make_engine, qemu10):
+    engine = make_engine(manifest, f"xenubuntu.restore=eager xenubuntu.flavour={FLAVOUR}",
+                         backend=QemuBackend(binary=qemu10))
+    engine.start()
+    for name in manifest.names:
+        view = engine.wait_state(name, {State.RUNNING, State.FAILED}, 120)
+        assert view.state is State.RUNNING and view.origin == "restored", (name, view.reason)
+        assert "PONG" in ask(view.console["serial"], "PING engine")
+        assert engine._sessions[name].guest.restored_lazily, name
