@@ -3,6 +3,7 @@ that can (Debian 12's backport of QEMU 10), and the stream wherever that cannot 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from xsession.hypervisor.qemu import QEMU_BINARY, QemuBackend
 from xsession.manifest import MANIFEST_RELPATH, load_manifest
 
 from .guestlib import ask, counters, damage, wait_for
+from .test_restore import _one_session_at_a_time, _wait_preloaded
 
 FLAVOUR = "kubuntu"
 
@@ -127,3 +129,36 @@ def test_the_engine_restores_the_default_lazily_and_the_rest_in_order(manifest, 
         assert view.state is State.RUNNING and view.origin == "restored", (name, view.reason)
         assert "PONG" in ask(view.console["serial"], "PING engine")
         assert engine._sessions[name].guest.restored_lazily, name
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["whole", "damaged-in-ram"])
+def test_a_preloaded_ram_image_starts_the_next_flavour_lazily_and_a_damaged_one_gives_way(damaged, manifest,
+                                                                                         make_engine, qemu10):
+    """The preload copies the RAM image (what a lazy restore reads most of); the switch
+    decodes it from RAM. Damaged there, it is caught, and the stream restores instead."""
+    engine = make_engine(manifest, f"xenubuntu.restore=lazy xenubuntu.flavour={FLAVOUR}",
+                         backend=QemuBackend(binary=qemu10), fit_check=_one_session_at_a_time, preload=True)
+    reasons: list[tuple[str, str]] = []
+    engine.subscribe(lambda ev, v: reasons.append((v.name, v.reason)) if ev == "state-changed" else None)
+    engine.start()
+    assert engine.wait_state(FLAVOUR, {State.RUNNING, State.FAILED}, 60).state is State.RUNNING
+    _wait_preloaded(engine, ["ubuntu"])
+    image = manifest.flavour("ubuntu").statefile.lazy.ram
+    assert engine.running_memory()["ubuntu (preloaded)"] == -(-image.size // (1 << 20))
+    if damaged:
+        with engine._lock:
+            fd = os.open(engine._preloads["ubuntu"].source(), os.O_RDWR)
+        try:
+            byte = os.pread(fd, 1, image.size // 2)
+            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), image.size // 2)
+        finally:
+            os.close(fd)
+    engine.stop(FLAVOUR)  # room for one: the next waiting flavour starts, from RAM
+    view = engine.wait_state("ubuntu", {State.RUNNING, State.FAILED}, 120)
+    assert view.state is State.RUNNING and view.origin == "restored", view.reason
+    assert ("ubuntu", "reading the statefile from RAM (preloaded)") in reasons
+    guest = engine._sessions["ubuntu"].guest
+    assert guest.restored_lazily is not damaged, guest.note
+    if damaged:
+        assert "the lazy restore failed" in guest.note and "zstd" in guest.note, guest.note
+    assert "PONG" in ask(view.console["serial"], "PING preloaded")

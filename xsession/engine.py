@@ -523,8 +523,7 @@ class Engine:
                    and s.flavour.name not in self._preloads]
         for name in scheduler.priority_order(waiting, self.default):
             s = self._sessions[name]
-            sf = s.flavour.statefile
-            assert sf is not None
+            sf = self.backend.preload_part(s.flavour)
             mib = -(-sf.size // (1 << 20))
             if self.backend.host_memory().free_mib < mib + PRELOAD_HEADROOM_MIB:
                 return  # memory is for sessions first; a preload never takes the last of it

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..manifest import Flavour, Manifest
+from ..manifest import Flavour, Manifest, StatePart
 from ..screen import Picture, thumbnail, to_png
 
 __all__ = ["Progress", "ExitCallback", "Guest", "Backend", "HostMemory", "PICTURE_INTERVAL_S", "ScreenCache"]
@@ -92,13 +92,17 @@ class Backend(Protocol):
                 source: Path | None = None) -> Guest:
         """Bring the flavour's statefile back to a running guest.
 
-        ``source``: read the statefile from there (a copy preloaded into RAM) instead of
-        the medium; it is checked exactly as the medium's would be.
+        ``source``: read :meth:`preload_part` from there (a copy preloaded into RAM)
+        instead of the medium; it is checked exactly as the medium's would be.
 
         :raises StatefileCorrupt: the statefile failed a size, sha256 or decompression check.
         :raises MediumUnavailable: the statefile or disk cannot be read.
         :raises HypervisorError: the hypervisor refused or died; includes its own words.
         """
+        ...
+
+    def preload_part(self, flavour: Flavour) -> StatePart:
+        """The file a restore of ``flavour`` reads most of, which a preload copies into RAM."""
         ...
 
     def cold_boot(self, flavour: Flavour, manifest: Manifest, rundir: Path) -> Guest:

@@ -585,9 +585,10 @@ class QemuBackend:
         """Restore the flavour's statefile; the guest runs when this returns.
 
         Lazily (:mod:`.lazyram`) where the medium has the flavour's RAM image and this
-        QEMU can map it, else from the stream (``source``: a preloaded copy of it). A
-        lazy restore that fails, a damaged image included, gives way to the stream; the
-        guest's ``restored_lazily`` and ``note`` tell which ran and why.
+        QEMU can map it, else from the stream. ``source``: a copy of :meth:`preload_part`
+        preloaded into RAM. A lazy restore that fails, a damaged image included, gives
+        way to the stream on the medium; the guest's ``restored_lazily`` and ``note``
+        tell which ran and why.
 
         :raises StatefileCorrupt: size, zstd or sha256 check failed (before or during the feed).
         :raises MediumUnavailable: the statefile or disk could not be read.
@@ -596,7 +597,8 @@ class QemuBackend:
         sf = flavour.statefile
         if sf is None:
             raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
-        path = source if source is not None else manifest.resolve(sf.path)
+        lazily = self.restores_lazily(flavour)
+        path = source if source is not None and not lazily else manifest.resolve(sf.path)
         precheck(path, sf, manifest.root)
         if self._accel_for(flavour, manifest) != flavour.machine.accel:
             # a KVM stream does not load under TCG: the guest must cold-boot
@@ -606,9 +608,9 @@ class QemuBackend:
             # a model that needs a flag this CPU lacks would fail in the guest: refuse, cold boot
             check_model(sf.saved_with.cpu, self.host_cpu())
         refused = ""
-        if source is None and self.restores_lazily(flavour):
+        if lazily:
             try:
-                guest = self._restore_lazily(flavour, manifest, rundir, progress)
+                guest = self._restore_lazily(flavour, manifest, rundir, progress, source)
                 guest.restored_lazily = True
                 return self._resume(guest, flavour)
             except (StatefileCorrupt, MediumUnavailable, HypervisorError) as e:
@@ -627,7 +629,15 @@ class QemuBackend:
         sf = flavour.statefile
         return self.lazy and sf is not None and sf.lazy is not None and maps_private_readonly(self.binary)
 
-    def _restore_lazily(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress) -> QemuGuest:
+    def preload_part(self, flavour: Flavour) -> StatePart:
+        """The RAM image where the flavour restores lazily (its devices' state is small and
+        read from the medium), else the statefile."""
+        sf = flavour.statefile
+        assert sf is not None
+        return sf.lazy.ram if sf.lazy is not None and self.restores_lazily(flavour) else sf
+
+    def _restore_lazily(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
+                        ram_source: Path | None) -> QemuGuest:
         """Decode the RAM image into the run folder, map it, load the devices' state.
 
         The image's file is removed once QEMU maps it: its memory lives as long as the
@@ -640,7 +650,7 @@ class QemuBackend:
         rundir.mkdir(parents=True, exist_ok=True)
         image = rundir / "ram.img"
         try:
-            decode_ram_image(manifest.resolve(lazy.ram.path), lazy.ram, image, manifest.root,
+            decode_ram_image(ram_source or manifest.resolve(lazy.ram.path), lazy.ram, image, manifest.root,
                              lambda done, _: progress(done, total))
             ram = RamFile(image, flavour.memory_mib, writable=False)
             return self._load(flavour, manifest, rundir, manifest.resolve(lazy.devices.path), lazy.devices,

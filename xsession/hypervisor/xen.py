@@ -51,7 +51,7 @@ from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from ..guestchannel import ChannelReader
 from ..netplan import guest_mac
 from ..screen import Picture
-from ..manifest import Flavour, MachineConfig, Manifest
+from ..manifest import Flavour, MachineConfig, Manifest, StatePart
 from ..statefile import Feeder, batch_scheduling, precheck, sha256_of, widen_pipe, zstd_checks_suffice
 from . import rfb, xl
 from .xenctl import Unavailable, XenControl
@@ -512,6 +512,11 @@ class XenBackend:
             log.warning("could not destroy %s after a failed start: %s", name, e)
 
     # -- restore -------------------------------------------------------------------------
+    def preload_part(self, flavour: Flavour) -> StatePart:
+        """The xl save image: a Xen restore reads it whole."""
+        assert flavour.statefile is not None
+        return flavour.statefile
+
     def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
                 source: Path | None = None) -> XenGuest:
         """Restore the flavour's xl save image: paused, checked, then unpaused.
