@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from xsession.demomedia import lazy_qemu
 from xsession.engine import State
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest
 from xsession.manifest import MANIFEST_RELPATH, Manifest, load_manifest
@@ -57,12 +58,16 @@ def _in_guest(guest: QemuGuest, script: str, timeout: float = 60.0) -> str:
     return out.decode(errors="replace")
 
 
+@pytest.mark.parametrize("way", ["stream", "lazy"])
 @pytest.mark.parametrize("name", FLAVOURS)
-def test_a_restored_flavour_shows_its_saved_screen_and_lives_on(name, dmanifest, runtime_dir):
+def test_a_restored_flavour_shows_its_saved_screen_and_lives_on(name, way, dmanifest, runtime_dir):
+    """Each way: the stream (Debian 12's QEMU) and lazily, the RAM image mapped (QEMU 10)."""
     flavour = dmanifest.flavour(name)
     assert flavour.readiness == "channel" and flavour.still and flavour.machine.vmgenid
-    guest = _restore(QemuBackend(), dmanifest, name, runtime_dir / name)
+    backend = QemuBackend(binary=lazy_qemu()) if way == "lazy" else QemuBackend()
+    guest = _restore(backend, dmanifest, name, runtime_dir / name)
     try:
+        assert guest.restored_lazily is (way == "lazy"), guest.note
         screen = guest.screendump()
         still = read_png(dmanifest.resolve(flavour.still).read_bytes())
         if flavour.name != "server":  # the server's screen is a text console
@@ -71,7 +76,7 @@ def test_a_restored_flavour_shows_its_saved_screen_and_lives_on(name, dmanifest,
         if not same_picture(screen, still, tolerance=0.02):
             shots = ARTIFACTS / "desktops"
             shots.mkdir(parents=True, exist_ok=True)
-            (shots / f"{name}-restored.png").write_bytes(to_png(screen))
+            (shots / f"{name}-{way}-restored.png").write_bytes(to_png(screen))
             raise AssertionError(f"{name}: the restored screen differs from the still (kept in {shots})")
         assert guest.note == "", guest.note  # freshened: clock set, network renewed
         assert guest.channel is not None

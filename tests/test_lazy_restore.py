@@ -162,3 +162,17 @@ def test_a_preloaded_ram_image_starts_the_next_flavour_lazily_and_a_damaged_one_
     if damaged:
         assert "the lazy restore failed" in guest.note and "zstd" in guest.note, guest.note
     assert "PONG" in ask(view.console["serial"], "PING preloaded")
+
+
+def test_mastering_with_a_qemu_that_cannot_split_keeps_the_statefile_and_says_why(tmp_path):
+    from xsession.demomedia import CACHE, DEMO
+    from xsession.mastering.master import load_spec, master_medium
+    spec = load_spec(DEMO / "flavours.yaml")
+    spec = type(spec)(default="server", flavours=tuple(f for f in spec.flavours if f.name == "server"),
+                      kernel=spec.kernel, cmdline=spec.cmdline, disk_mib=spec.disk_mib)
+    lines: list[str] = []
+    manifest = master_medium(spec, CACHE / "guests", tmp_path / "medium", report=lines.append,
+                             lazy_qemu=QEMU_BINARY)
+    sf = manifest.flavour("server").statefile
+    assert sf is not None and sf.lazy is None
+    assert any("not split for lazy restores" in line and "8.2 or later" in line for line in lines), lines

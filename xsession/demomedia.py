@@ -65,11 +65,13 @@ def ensure_demo_medium(cache: Path = CACHE, report: Report = print) -> Path:
         subprocess.run([str(DEMO / "build-guests.sh"), str(guests)], check=True)
         manifest = medium / MANIFEST_RELPATH
         inputs = [DEMO / "flavours.yaml", guests / "vmlinuz", *guests.glob("initrd-*.cpio")]
+        splitter, stamp = lazy_qemu(), medium / ".lazy-qemu"  # a new QEMU splits the statefiles anew
         if (not manifest.exists() or any(p.stat().st_mtime > manifest.stat().st_mtime for p in inputs)
-                or not _split_for_lazy_restores(manifest)):
+                or not stamp.exists() or stamp.read_text() != splitter):
             report("mastering the demo medium (each flavour boots once and is saved) ...")
             master_medium(load_spec(DEMO / "flavours.yaml"), guests, medium,
-                          report=lambda line: report("  " + line), lazy_qemu=lazy_qemu())
+                          report=lambda line: report("  " + line), lazy_qemu=splitter)
+            stamp.write_text(splitter)
     return medium
 
 
@@ -78,13 +80,6 @@ def lazy_qemu() -> str:
     machine-wide cache beside the system's 7.2 (``tools/qemu-backports``)."""
     out = subprocess.run([str(REPO / "tools" / "qemu-backports")], check=True, stdout=subprocess.PIPE, text=True)
     return str(Path(out.stdout.strip().splitlines()[-1]) / "qemu-system-x86_64")
-
-
-def _split_for_lazy_restores(manifest: Path) -> bool:
-    try:
-        return all(f.statefile is None or f.statefile.lazy is not None for f in load_manifest(manifest).flavours)
-    except XSessionError:
-        return False
 
 
 def ensure_real_flavour(name: str, report: Report | None = None) -> Path:
@@ -120,15 +115,18 @@ def _used(name: str, entry: Path, report: Report) -> Path:
     return entry
 
 
-def _mastering_key(spec: Path, builds: dict[str, Path]) -> str:
+def _mastering_key(spec: Path, builds: dict[str, Path], splitter: str) -> str:
     """What a mastered medium is made of: the spec, each build (its folder names its
-    recipe's key), and the code that decides what a statefile holds."""
-    from .hypervisor import qemu
+    recipe's key), the code that decides what a statefile holds, and the QEMU that
+    splits it for lazy restores (its folder names its version)."""
+    from .hypervisor import lazyram, qemu
     h = hashlib.sha256(spec.read_bytes())
+    h.update(f"lazy-qemu={splitter}\n".encode())
     for name, folder in sorted(builds.items()):
         h.update(f"{name}={folder.name}\n".encode())
     for code in (_master, _sources, _screen, _pool, _netplan, _network,
                  qemu.qemu_argv, qemu.QemuBackend.boot_for_save, qemu.QemuBackend.save,
+                 qemu.QemuBackend.save_lazy_image, lazyram,
                  qemu.QemuBackend.settle, qemu.QemuBackend._wait_settled, qemu.QemuBackend._wait_ready,
                  qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE,
                  repr((qemu.SETTLE_QUIET_S, qemu.SETTLE_QUIET_PLAIN_S, qemu.PAINTED_COLOURS, qemu.SETTLE_SAMPLE_S,
@@ -168,7 +166,8 @@ def ensure_desktop_medium(report: Report = print, spec: Path = DEMO / "desktops.
     for name in names:
         report(f"flavour {name}: checking the build cache ...")
         builds[name] = ensure_real_flavour(name, report=lambda line, n=name: report(f"  {n}: {line}"))
-    key = _mastering_key(spec, builds)
+    splitter = lazy_qemu()
+    key = _mastering_key(spec, builds, splitter)
     medium = cache / f"desktops-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
@@ -176,13 +175,14 @@ def ensure_desktop_medium(report: Report = print, spec: Path = DEMO / "desktops.
         for leftover in cache.glob("desktops-*.*"):  # a mastering that died (nobody masters while we hold the lock)
             cachepruning.remove_tree(leftover)
         if not _valid(medium):
-            _master_into(medium, key, spec, builds, report)
+            _master_into(medium, key, spec, builds, splitter, report)
         cachepruning.mark_used(medium)
         cachepruning.prune(cache, "desktops", medium, report)  # under the cache's lock
     return medium
 
 
-def _master_into(medium: Path, key: str, spec: Path, builds: dict[str, Path], report: Report) -> None:
+def _master_into(medium: Path, key: str, spec: Path, builds: dict[str, Path], splitter: str,
+                 report: Report) -> None:
     """Master the medium in a temporary folder of the cache and rename it into place."""
     cache = medium.parent
     shutil.rmtree(medium, ignore_errors=True)
@@ -194,14 +194,14 @@ def _master_into(medium: Path, key: str, spec: Path, builds: dict[str, Path], re
             (guests / name).symlink_to(folder)
         out = work / "medium"
         report("mastering the desktop medium (each flavour boots once, settles and is saved) ...")
-        _master_in_namespace(spec, guests, out, next(iter(builds.values())).parent / "debs", report)
+        _master_in_namespace(spec, guests, out, next(iter(builds.values())).parent / "debs", splitter, report)
         (out / COMPLETE).write_text(json.dumps({"key": key, "files": _sizes(out)}, indent=1))
         out.rename(medium)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _master_in_namespace(spec: Path, guests: Path, out: Path, debs: Path, report: Report) -> None:
+def _master_in_namespace(spec: Path, guests: Path, out: Path, debs: Path, splitter: str, report: Report) -> None:
     """``xsession-master`` in a network namespace of its own: the flavours are saved on
     an internal network like dom0's (same addresses), made where it touches no other
     network, and their packages go into the medium's pool.
@@ -209,7 +209,8 @@ def _master_in_namespace(spec: Path, guests: Path, out: Path, debs: Path, report
     :raises XSessionError: mastering failed (its last lines say why).
     """
     argv = ["unshare", "--net", "--", sys.executable, "-m", "xsession.mastering.cli", str(spec),
-            "--guests", str(guests), "--out", str(out), "--jobs", "1", "--pool-debs", str(debs)]
+            "--guests", str(guests), "--out", str(out), "--jobs", "1", "--pool-debs", str(debs),
+            "--lazy-qemu", splitter]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     assert proc.stdout is not None
     tail: list[str] = []

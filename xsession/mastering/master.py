@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from ..errors import ManifestError, PoolError
+from ..errors import ManifestError, PoolError, XSessionError
 from ..manifest import NICS, Flavour, Manifest, OfficeLayout, Statefile, manifest_to_dict, parse_manifest, parse_office
 from ..cpumodel import FALLBACK_MODEL, choose_model, read_cpuinfo
 from ..netplan import NetworkMode, plan_network
@@ -191,6 +191,9 @@ def _master_one(backend: QemuBackend, spec: FlavourSpec, medium: MediumSpec, gue
         try:
             t1 = time.monotonic()
             lazy = splitter.save_lazy_image(flavour, manifest, rundir, level)
+        except XSessionError as e:  # the statefile stands on its own: restores stream it
+            report(f"{spec.name}: not split for lazy restores: {e}")
+            return flavour
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
         report(f"{spec.name}: split for lazy restores in {time.monotonic() - t1:.1f} s: RAM image "
