@@ -219,7 +219,7 @@ def test_a_ram_image_decodes_sparse_and_whole(tmp_path: Path):
     assert held_mib(dest) <= 1, "zero pages take no memory"
 
 
-@pytest.mark.parametrize("how", ["flipped", "truncated", "wrong size"])
+@pytest.mark.parametrize("how", ["flipped", "truncated", "wrong size", "decodes to more"])
 def test_a_damaged_ram_image_is_refused_and_named(tmp_path: Path, how: str):
     path, part, _ = _ram_image(tmp_path)
     data = bytearray(path.read_bytes())
@@ -229,8 +229,13 @@ def test_a_damaged_ram_image_is_refused_and_named(tmp_path: Path, how: str):
         part = StatePart(part.path, part.size, hashlib.sha256(data).hexdigest(), "zstd", part.raw_size)
     elif how == "truncated":
         path.write_bytes(bytes(data[:-40]))
-    else:
-        part = StatePart(part.path, part.size, part.sha256, "zstd", part.raw_size + 4096)
+    else:  # the header records the true size: only the sha256 pass is left to doubt it
+        part = StatePart(part.path, part.size, part.sha256, "zstd", part.raw_size + (4096 if how == "wrong size"
+                                                                                     else -(1 << 20)))
+    dest = tmp_path / "decoded.img"
     with pytest.raises(StatefileCorrupt) as e:
-        decode_ram_image(path, part, tmp_path / "decoded.img")
-    assert {"flipped": "zstd", "truncated": "truncated", "wrong size": "decoded to"}[how] in str(e.value)
+        decode_ram_image(path, part, dest)
+    assert {"flipped": "zstd", "truncated": "truncated", "wrong size": "decoded to",
+            "decodes to more": "more than the recorded"}[how] in str(e.value), str(e.value)
+    if how == "decodes to more":  # it stopped there: a bomb fills no memory
+        assert dest.stat().st_size <= part.raw_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import resource
 import signal
 import subprocess
 import threading
@@ -92,7 +93,8 @@ class Feeder(threading.Thread):
     """
 
     def __init__(self, path: Path, sf: StatePart, out_fd: int, progress: Callable[[int, int], None] | None = None,
-                 *, verify_sha256: bool = True, batch: bool = False, sparse: bool = False):
+                 *, verify_sha256: bool = True, batch: bool = False, sparse: bool = False,
+                 output_limit: int | None = None):
         super().__init__(name=f"feed-{path.name}", daemon=True)
         self.path = path
         self.sf = sf
@@ -102,6 +104,9 @@ class Feeder(threading.Thread):
         self.batch = batch
         #: ``out_fd`` is a file: runs of zeros are skipped, not written (a RAM image stays sparse)
         self.sparse = sparse
+        #: ``out_fd`` is a file: the decompressor may write no more than this (a stream that
+        #: decodes to more, a bomb, would fill memory before its sha256 is known to be wrong)
+        self.output_limit = output_limit
         self.out_fd = out_fd  # closed in run(), always
         self.progress = progress
         self._cancel = threading.Event()
@@ -162,6 +167,8 @@ class Feeder(threading.Thread):
                                               stdout=self.out_fd, stderr=subprocess.PIPE)
                 if self.batch:
                     batch_scheduling(self._proc.pid)
+                if self.output_limit is not None:  # before any input: zstd has written nothing yet
+                    resource.prlimit(self._proc.pid, resource.RLIMIT_FSIZE, (self.output_limit, self.output_limit))
                 os.close(self.out_fd)  # zstd holds its own copy now
                 self.out_fd = -1
                 sink = self._proc.stdin
@@ -219,6 +226,8 @@ class Feeder(threading.Thread):
                 self._proc.wait()
             if self._proc.returncode == -signal.SIGPIPE:
                 reader_gone = True  # the hypervisor closed the stream; zstd could not write on
+            elif self._proc.returncode == -signal.SIGXFSZ:
+                zstd_error = f"it decodes to more than the recorded {self.output_limit} bytes"
             elif self._proc.returncode != 0:
                 zstd_error = _last_words(err, self._proc.returncode)
         if (self._proc is not None and reader_gone and zstd_error is None and medium_error is None
