@@ -105,7 +105,7 @@ class SessionView:
     source: str = ""
     heartbeat_seq: int = 0
     heartbeat_at: float = 0.0
-    #: its compressed statefile is in RAM: starting it reads no medium
+    #: what its restore reads most of is in RAM (the statefile, or a lazy restore's RAM image)
     preloaded: bool = False
 
     @property
