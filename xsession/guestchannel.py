@@ -109,6 +109,7 @@ class ChannelReader:
         self.ready = threading.Event()
         self.last_seq = 0
         self.last_at = 0.0          # time.time() of the last heartbeat
+        self.first_at = 0.0         # ... and of the first: when a restored guest answered again
         self.heartbeats = 0
         self.refused = 0
         self._changed = threading.Condition()
@@ -219,6 +220,7 @@ class ChannelReader:
             with self._changed:
                 self.last_seq = message.seq
                 self.last_at = time.time()
+                self.first_at = self.first_at or self.last_at
                 self.heartbeats += 1
                 self._changed.notify_all()
         if self.on_message is not None:
