@@ -117,10 +117,10 @@ def wait_heartbeat(guest: QemuGuest) -> None:
 
 
 def timed_restore(backend: QemuBackend, manifest: Manifest, name: str, rundir: Path,
-                  source: Path | None = None) -> tuple[float, float]:
+                  sources: tuple[Path, ...] | None = None) -> tuple[float, float]:
     """Seconds to the restored guest running, and to its first heartbeat; the guest is stopped."""
     t0 = time.monotonic()
-    guest = backend.restore(manifest.flavour(name), manifest, rundir, lambda d, t: None, source=source)
+    guest = backend.restore(manifest.flavour(name), manifest, rundir, lambda d, t: None, sources=sources)
     try:
         running = time.monotonic() - t0
         wait_heartbeat(guest)
@@ -149,13 +149,13 @@ def switch_way(root: Path) -> Callable[[Path], tuple[float, float]]:
             free = threading.Event()
             free.set()
             done = threading.Event()
-            preload = Preload(SECOND, manifest.resolve(sf.path), sf.size, free, lambda p: done.set())
+            preload = Preload(SECOND, [(manifest.resolve(sf.path), sf.size)], free, lambda p: done.set())
             preload.start()
             done.wait(300)
             if not preload.complete:
                 raise RuntimeError(f"preload failed: {preload.error}")
             try:
-                return timed_restore(backend, manifest, SECOND, rundir / "second", source=preload.source())
+                return timed_restore(backend, manifest, SECOND, rundir / "second", sources=preload.sources())
             finally:
                 preload.release()
         finally:

@@ -89,11 +89,12 @@ def host_mib(guest: QemuGuest, manifest: Manifest) -> float:
     return anon / 1024 + held
 
 
-def timed(backend: QemuBackend, manifest: Manifest, name: str, rundir: Path, source: Path | None = None) -> Run:
+def timed(backend: QemuBackend, manifest: Manifest, name: str, rundir: Path,
+          sources: tuple[Path, ...] | None = None) -> Run:
     """Seconds to the restore's end (the guest's clock set), and to its first heartbeat,
     which may come before that end: the desktop answers while its clock is set."""
     t0 = time.time()
-    guest = backend.restore(manifest.flavour(name), manifest, rundir, lambda d, t: None, source=source)
+    guest = backend.restore(manifest.flavour(name), manifest, rundir, lambda d, t: None, sources=sources)
     try:
         running = time.time() - t0
         wait_heartbeat(guest)
@@ -114,16 +115,17 @@ def switch_way(root: Path, backend: QemuBackend) -> Callable[[Path], Run]:
         first = backend.restore(manifest.flavour(FLAVOUR), manifest, rundir / "first", lambda d, t: None)
         try:
             wait_heartbeat(first)
-            part = backend.preload_part(manifest.flavour(SECOND))
+            parts = backend.preload_parts(manifest.flavour(SECOND))
             free, done = threading.Event(), threading.Event()
             free.set()
-            preload = Preload(SECOND, manifest.resolve(part.path), part.size, free, lambda p: done.set())
+            preload = Preload(SECOND, [(manifest.resolve(p.path), p.size) for p in parts], free,
+                              lambda p: done.set())
             preload.start()
             done.wait(300)
             if not preload.complete:
                 raise RuntimeError(f"preload failed: {preload.error}")
             try:
-                return timed(backend, manifest, SECOND, rundir / "second", source=preload.source())
+                return timed(backend, manifest, SECOND, rundir / "second", sources=preload.sources())
             finally:
                 preload.release()
         finally:

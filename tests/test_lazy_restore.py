@@ -134,8 +134,8 @@ def test_the_engine_restores_the_default_lazily_and_the_rest_in_order(manifest, 
 @pytest.mark.parametrize("damaged", [False, True], ids=["whole", "damaged-in-ram"])
 def test_a_preloaded_ram_image_starts_the_next_flavour_lazily_and_a_damaged_one_gives_way(damaged, manifest,
                                                                                          make_engine, qemu10):
-    """The preload copies the RAM image (what a lazy restore reads most of); the switch
-    decodes it from RAM. Damaged there, it is caught, and the stream restores instead."""
+    """The preload copies what a lazy restore reads (the RAM image, the devices' state); the
+    switch decodes from RAM. Damaged there, it is caught, and the stream restores instead."""
     engine = make_engine(manifest, f"xenubuntu.restore=lazy xenubuntu.flavour={FLAVOUR}",
                          backend=QemuBackend(binary=qemu10), fit_check=_one_session_at_a_time, preload=True)
     reasons: list[tuple[str, str]] = []
@@ -143,11 +143,12 @@ def test_a_preloaded_ram_image_starts_the_next_flavour_lazily_and_a_damaged_one_
     engine.start()
     assert engine.wait_state(FLAVOUR, {State.RUNNING, State.FAILED}, 60).state is State.RUNNING
     _wait_preloaded(engine, ["ubuntu"])
-    image = manifest.flavour("ubuntu").statefile.lazy.ram
-    assert engine.running_memory()["ubuntu (preloaded)"] == -(-image.size // (1 << 20))
+    lazy = manifest.flavour("ubuntu").statefile.lazy
+    image = lazy.ram
+    assert engine.running_memory()["ubuntu (preloaded)"] == -(-(image.size + lazy.devices.size) // (1 << 20))
     if damaged:
         with engine._lock:
-            fd = os.open(engine._preloads["ubuntu"].source(), os.O_RDWR)
+            fd = os.open(engine._preloads["ubuntu"].sources()[0], os.O_RDWR)
         try:
             byte = os.pread(fd, 1, image.size // 2)
             os.pwrite(fd, bytes([byte[0] ^ 0xFF]), image.size // 2)

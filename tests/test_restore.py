@@ -476,7 +476,7 @@ def test_a_preloaded_statefile_damaged_in_ram_or_on_the_medium_is_caught(where, 
     _wait_preloaded(engine, ["ubuntu"])
     if where == "ram":
         with engine._lock:
-            fd = os.open(engine._preloads["ubuntu"].source(), os.O_RDWR)
+            fd = os.open(engine._preloads["ubuntu"].sources()[0], os.O_RDWR)
         try:
             byte = os.pread(fd, 1, 5000)
             os.pwrite(fd, bytes([byte[0] ^ 0xFF]), 5000)

@@ -422,7 +422,7 @@ class Engine:
         rundir.mkdir(parents=True, exist_ok=True)
         (rundir / RAN_MARKER).unlink(missing_ok=True)
         preload = self._preloads.get(s.flavour.name)
-        source = preload.source() if preload is not None and preload.complete else None
+        source = preload.sources() if preload is not None and preload.complete else None
         if preload is not None and source is None:
             preload.cancel()  # half copied: the restore reads the medium itself, from the start
         if source is None:
@@ -449,7 +449,7 @@ class Engine:
                 s.last_emit, s.last_emit_fraction = now, fraction
                 self._emit("progress", s)
 
-    def _job(self, s: _Session, source: Path | None = None) -> None:
+    def _job(self, s: _Session, source: tuple[Path, ...] | None = None) -> None:
         try:
             self._restore_or_boot(s, source)
         finally:
@@ -461,7 +461,7 @@ class Engine:
                 self._forget_preload(s)
                 self._dispatch()
 
-    def _restore_or_boot(self, s: _Session, source: Path | None) -> None:
+    def _restore_or_boot(self, s: _Session, source: tuple[Path, ...] | None) -> None:
         name = s.flavour.name
         rundir = self._rundir(name)
         guest: Guest | None = None
@@ -471,7 +471,7 @@ class Engine:
             if s.flavour.statefile is not None:
                 try:
                     guest = self.backend.restore(s.flavour, self.manifest, rundir,
-                                                 lambda d, t: self._progress(s, d, t), source=source)
+                                                 lambda d, t: self._progress(s, d, t), sources=source)
                     note = getattr(guest, "note", "")
                     reason = "restored from its statefile" + (f"; {note}" if note else "")
                 except MediumUnavailable:
@@ -523,17 +523,18 @@ class Engine:
                    and s.flavour.name not in self._preloads]
         for name in scheduler.priority_order(waiting, self.default):
             s = self._sessions[name]
-            sf = self.backend.preload_part(s.flavour)
-            mib = -(-sf.size // (1 << 20))
+            parts = self.backend.preload_parts(s.flavour)
+            mib = -(-sum(p.size for p in parts) // (1 << 20))
             if self.backend.host_memory().free_mib < mib + PRELOAD_HEADROOM_MIB:
                 return  # memory is for sessions first; a preload never takes the last of it
             try:
-                path = self.manifest.resolve(sf.path)
+                files = [(self.manifest.resolve(p.path), p.size) for p in parts]
             except XSessionError:
                 continue  # refused when it is restored, with its reason
-            preload = Preload(name, path, sf.size, self._medium_free, self._preload_done)
+            preload = Preload(name, files, self._medium_free, self._preload_done)
             self._preloads[name] = preload
-            log.info("%s: preloading its statefile (%d MiB) into RAM", name, mib, extra={"SESSION": name})
+            log.info("%s: preloading %s (%d MiB) into RAM", name, ", ".join(p.name for p, _ in files), mib,
+                     extra={"SESSION": name})
             preload.start()
             return
 

@@ -8,7 +8,7 @@ runs under a watchdog and raises an :mod:`xsession.errors` error on failure.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -89,11 +89,11 @@ class Backend(Protocol):
     name: str
 
     def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
-                source: Path | None = None) -> Guest:
+                sources: Sequence[Path] | None = None) -> Guest:
         """Bring the flavour's statefile back to a running guest.
 
-        ``source``: read :meth:`preload_part` from there (a copy preloaded into RAM)
-        instead of the medium; it is checked exactly as the medium's would be.
+        ``sources``: read :meth:`preload_parts` from there (copies preloaded into RAM, in
+        that order) instead of the medium; each is checked exactly as the medium's would be.
 
         :raises StatefileCorrupt: the statefile failed a size, sha256 or decompression check.
         :raises MediumUnavailable: the statefile or disk cannot be read.
@@ -101,8 +101,8 @@ class Backend(Protocol):
         """
         ...
 
-    def preload_part(self, flavour: Flavour) -> StatePart:
-        """The file a restore of ``flavour`` reads most of, which a preload copies into RAM."""
+    def preload_parts(self, flavour: Flavour) -> tuple[StatePart, ...]:
+        """The files a restore of ``flavour`` reads, which a preload copies into RAM."""
         ...
 
     def cold_boot(self, flavour: Flavour, manifest: Manifest, rundir: Path) -> Guest:

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -581,11 +581,11 @@ class QemuBackend:
 
     # -- restore -----------------------------------------------------------------
     def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
-                source: Path | None = None) -> QemuGuest:
+                sources: Sequence[Path] | None = None) -> QemuGuest:
         """Restore the flavour's statefile; the guest runs when this returns.
 
         Lazily (:mod:`.lazyram`) where the medium has the flavour's RAM image and this
-        QEMU can map it, else from the stream. ``source``: a copy of :meth:`preload_part`
+        QEMU can map it, else from the stream. ``sources``: copies of :meth:`preload_parts`
         preloaded into RAM. A lazy restore that fails, a damaged image included, gives
         way to the stream on the medium; the guest's ``restored_lazily`` and ``note``
         tell which ran and why.
@@ -598,7 +598,7 @@ class QemuBackend:
         if sf is None:
             raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
         lazily = self.restores_lazily(flavour)
-        path = source if source is not None and not lazily else manifest.resolve(sf.path)
+        path = sources[0] if sources and not lazily else manifest.resolve(sf.path)
         precheck(path, sf, manifest.root)
         if self._accel_for(flavour, manifest) != flavour.machine.accel:
             # a KVM stream does not load under TCG: the guest must cold-boot
@@ -610,7 +610,7 @@ class QemuBackend:
         refused = ""
         if lazily:
             try:
-                guest = self._restore_lazily(flavour, manifest, rundir, progress, source)
+                guest = self._restore_lazily(flavour, manifest, rundir, progress, sources)
                 guest.restored_lazily = True
                 return self._resume(guest, flavour)
             except (StatefileCorrupt, MediumUnavailable, HypervisorError) as e:
@@ -629,15 +629,14 @@ class QemuBackend:
         sf = flavour.statefile
         return self.lazy and sf is not None and sf.lazy is not None and maps_private_readonly(self.binary)
 
-    def preload_part(self, flavour: Flavour) -> StatePart:
-        """The RAM image where the flavour restores lazily (its devices' state is small and
-        read from the medium), else the statefile."""
+    def preload_parts(self, flavour: Flavour) -> tuple[StatePart, ...]:
+        """The RAM image and the devices' state where the flavour restores lazily, else the statefile."""
         sf = flavour.statefile
         assert sf is not None
-        return sf.lazy.ram if sf.lazy is not None and self.restores_lazily(flavour) else sf
+        return (sf.lazy.ram, sf.lazy.devices) if sf.lazy is not None and self.restores_lazily(flavour) else (sf,)
 
     def _restore_lazily(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
-                        ram_source: Path | None) -> QemuGuest:
+                        copies: Sequence[Path] | None) -> QemuGuest:
         """Decode the RAM image into the run folder, map it, load the devices' state.
 
         The image's file is removed once QEMU maps it: its memory lives as long as the
@@ -650,10 +649,10 @@ class QemuBackend:
         rundir.mkdir(parents=True, exist_ok=True)
         image = rundir / "ram.img"
         try:
-            decode_ram_image(ram_source or manifest.resolve(lazy.ram.path), lazy.ram, image, manifest.root,
-                             lambda done, _: progress(done, total))
+            ram_path, devices_path = copies or (manifest.resolve(lazy.ram.path), manifest.resolve(lazy.devices.path))
+            decode_ram_image(ram_path, lazy.ram, image, manifest.root, lambda done, _: progress(done, total))
             ram = RamFile(image, flavour.memory_mib, writable=False)
-            return self._load(flavour, manifest, rundir, manifest.resolve(lazy.devices.path), lazy.devices,
+            return self._load(flavour, manifest, rundir, devices_path, lazy.devices,
                               lambda done, _: progress(lazy.ram.size + done, total), ram=ram, ignore_shared=True)
         finally:
             image.unlink(missing_ok=True)

@@ -43,6 +43,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -512,13 +513,13 @@ class XenBackend:
             log.warning("could not destroy %s after a failed start: %s", name, e)
 
     # -- restore -------------------------------------------------------------------------
-    def preload_part(self, flavour: Flavour) -> StatePart:
+    def preload_parts(self, flavour: Flavour) -> tuple[StatePart, ...]:
         """The xl save image: a Xen restore reads it whole."""
         assert flavour.statefile is not None
-        return flavour.statefile
+        return (flavour.statefile,)
 
     def restore(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
-                source: Path | None = None) -> XenGuest:
+                sources: Sequence[Path] | None = None) -> XenGuest:
         """Restore the flavour's xl save image: paused, checked, then unpaused.
 
         :raises StatefileCorrupt: size, zstd or sha256 check failed (the paused domain is destroyed).
@@ -528,7 +529,7 @@ class XenBackend:
         sf = flavour.statefile
         if sf is None:
             raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
-        path = source if source is not None else manifest.resolve(sf.path)
+        path = sources[0] if sources else manifest.resolve(sf.path)
         precheck(path, sf, manifest.root)
         config = self._prepare(flavour, manifest, rundir)
         console_start = _size(self._console_path(flavour.name, rundir))
