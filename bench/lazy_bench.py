@@ -159,6 +159,7 @@ def main() -> int:
                         ("stream, QEMU 10", "stream", restore_way(slow.path, stream10)),
                         ("lazy, QEMU 10", "lazy", restore_way(slow.path, lazy10)),
                         (f"switch to {SECOND}, statefile preloaded (QEMU 7.2)", "switch", switch_way(slow.path, old)),
+                        (f"switch to {SECOND}, statefile preloaded (QEMU 10)", "switch", switch_way(slow.path, stream10)),
                         (f"switch to {SECOND}, RAM image preloaded (lazy)", "switch", switch_way(slow.path, lazy10))]
                 for what, kind, fn in ways:
                     slow.drop_caches()
