@@ -27,6 +27,7 @@ counters; the physical limit is the statefile's bytes at the profile's rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -35,10 +36,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -54,6 +56,7 @@ FLAVOUR = "xubuntu"
 SECOND = "server"
 CACHE = Path("/var/cache/xenubuntu/bench")
 HEARTBEAT_TIMEOUT_S = 300.0
+T = TypeVar("T")
 
 
 def recompressed(state: Path, sha256: str, level: int) -> Path:
@@ -135,29 +138,36 @@ def restore_way(root: Path, stub: bool) -> Callable[[Path], tuple[float, float]]
     return run
 
 
-def switch_way(root: Path) -> Callable[[Path], tuple[float, float]]:
+@contextlib.contextmanager
+def preloaded(backend: QemuBackend, manifest: Manifest, name: str) -> Iterator[tuple[Path, ...]]:
+    """What a restore of ``name`` reads, preloaded into RAM as the manager does (one
+    sequential read); yields the copies, freed afterwards."""
+    parts = backend.preload_parts(manifest.flavour(name))
+    free, done = threading.Event(), threading.Event()
+    free.set()
+    preload = Preload(name, [(manifest.resolve(p.path), p.size) for p in parts], free, lambda p: done.set())
+    preload.start()
+    done.wait(300)
+    try:
+        if not preload.complete:
+            raise RuntimeError(f"preload failed: {preload.error}")
+        yield preload.sources()
+    finally:
+        preload.release()
+
+
+def switch_way(root: Path, backend: QemuBackend | None, timed: Callable[..., T]) -> Callable[[Path], T]:
     """The desktop restored, the second flavour preloaded, then (timed) the second restored
-    from RAM; the drive counts everything, the preload included."""
-    def run(rundir: Path) -> tuple[float, float]:
+    from RAM; the drive counts everything, the preload included. ``timed(backend, manifest,
+    name, rundir, sources=...)`` restores and measures."""
+    def run(rundir: Path) -> T:
         manifest = load_manifest(root / MANIFEST_RELPATH)
-        backend = QemuBackend()
-        first = backend.restore(manifest.flavour(FLAVOUR), manifest, rundir / "first", lambda d, t: None)
+        way = backend or QemuBackend()
+        first = way.restore(manifest.flavour(FLAVOUR), manifest, rundir / "first", lambda d, t: None)
         try:
             wait_heartbeat(first)
-            sf = manifest.flavour(SECOND).statefile
-            assert sf is not None
-            free = threading.Event()
-            free.set()
-            done = threading.Event()
-            preload = Preload(SECOND, [(manifest.resolve(sf.path), sf.size)], free, lambda p: done.set())
-            preload.start()
-            done.wait(300)
-            if not preload.complete:
-                raise RuntimeError(f"preload failed: {preload.error}")
-            try:
-                return timed_restore(backend, manifest, SECOND, rundir / "second", sources=preload.sources())
-            finally:
-                preload.release()
+            with preloaded(way, manifest, SECOND) as sources:
+                return timed(way, manifest, SECOND, rundir / "second", sources=sources)
         finally:
             first.stop()
     return run
@@ -200,7 +210,8 @@ def main() -> int:
                           restore_way(slow.path / "l3", False)),
                          ("restore, stubs (level 3)", "l3", restore_way(slow.path / "l3", True)),
                          (f"restore, stubs, level {args.level}", hi, restore_way(slow.path / hi, True)),
-                         (f"switch to {SECOND}, preloaded (level 3)", "second", switch_way(slow.path / hi))]
+                         (f"switch to {SECOND}, preloaded (level 3)", "second",
+                          switch_way(slow.path / hi, None, timed_restore))]
                 for what, tag, fn in ways:
                     slow.drop_caches()
                     before = slow.stats()

@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,12 +39,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.benchlib import machine, publish  # noqa: E402
-from bench.dvd_desktop_bench import wait_heartbeat  # noqa: E402
+from bench.dvd_desktop_bench import switch_way, wait_heartbeat  # noqa: E402
 from bench.mediumsim import PROFILES, Stats, make_image, slow_medium  # noqa: E402
 from xsession.demomedia import ensure_desktop_medium, lazy_qemu  # noqa: E402
 from xsession.hypervisor.qemu import QemuBackend, QemuGuest  # noqa: E402
 from xsession.manifest import MANIFEST_RELPATH, Manifest, load_manifest  # noqa: E402
-from xsession.preload import Preload  # noqa: E402
 
 FLAVOUR = "xubuntu"
 SECOND = "server"
@@ -108,31 +106,6 @@ def restore_way(root: Path, backend: QemuBackend) -> Callable[[Path], Run]:
     return lambda rundir: timed(backend, load_manifest(root / MANIFEST_RELPATH), FLAVOUR, rundir)
 
 
-def switch_way(root: Path, backend: QemuBackend) -> Callable[[Path], Run]:
-    """The desktop restored, the server's part preloaded, then (timed) the server from RAM."""
-    def run(rundir: Path) -> Run:
-        manifest = load_manifest(root / MANIFEST_RELPATH)
-        first = backend.restore(manifest.flavour(FLAVOUR), manifest, rundir / "first", lambda d, t: None)
-        try:
-            wait_heartbeat(first)
-            parts = backend.preload_parts(manifest.flavour(SECOND))
-            free, done = threading.Event(), threading.Event()
-            free.set()
-            preload = Preload(SECOND, [(manifest.resolve(p.path), p.size) for p in parts], free,
-                              lambda p: done.set())
-            preload.start()
-            done.wait(300)
-            if not preload.complete:
-                raise RuntimeError(f"preload failed: {preload.error}")
-            try:
-                return timed(backend, manifest, SECOND, rundir / "second", sources=preload.sources())
-            finally:
-                preload.release()
-        finally:
-            first.stop()
-    return run
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profiles", default="fast,usb2,dvd")
@@ -157,10 +130,11 @@ def main() -> int:
             with slow_medium(image, prof, mount=True) as slow:
                 ways = [("stream, QEMU 7.2 (today)", "stream", restore_way(slow.path, old)),
                         ("stream, QEMU 10", "stream", restore_way(slow.path, stream10)),
-                        ("lazy, QEMU 10", "lazy", restore_way(slow.path, lazy10)),
-                        (f"switch to {SECOND}, statefile preloaded (QEMU 7.2)", "switch", switch_way(slow.path, old)),
-                        (f"switch to {SECOND}, statefile preloaded (QEMU 10)", "switch", switch_way(slow.path, stream10)),
-                        (f"switch to {SECOND}, RAM image preloaded (lazy)", "switch", switch_way(slow.path, lazy10))]
+                        ("lazy, QEMU 10", "lazy", restore_way(slow.path, lazy10))]
+                ways += [(f"switch to {SECOND}, {what}", "switch", switch_way(slow.path, backend, timed))
+                         for what, backend in (("statefile preloaded (QEMU 7.2)", old),
+                                               ("statefile preloaded (QEMU 10)", stream10),
+                                               ("RAM image preloaded (lazy)", lazy10))]
                 for what, kind, fn in ways:
                     slow.drop_caches()
                     before = slow.stats()
