@@ -177,3 +177,16 @@ def test_mastering_with_a_qemu_that_cannot_split_keeps_the_statefile_and_says_wh
     sf = manifest.flavour("server").statefile
     assert sf is not None and sf.lazy is None
     assert any("not split for lazy restores" in line and "8.2 or later" in line for line in lines), lines
+
+
+def test_a_damaged_statefile_does_not_stop_a_lazy_restore_whose_parts_are_whole(medium, runtime_dir, qemu10):
+    """The lazy parts are checked on their own: a truncated stream is never read."""
+    manifest = load_manifest(medium / MANIFEST_RELPATH)
+    damage(manifest.resolve(manifest.flavour(FLAVOUR).statefile.path), truncate_to=1000)
+    guest = QemuBackend(binary=qemu10).restore(manifest.flavour(FLAVOUR), manifest, runtime_dir / FLAVOUR,
+                                               lambda done, total: None)
+    try:
+        assert guest.restored_lazily, guest.note
+        _continues(guest)
+    finally:
+        guest.stop()

@@ -383,8 +383,6 @@ class QemuBackend:
         if sf is None:
             raise StatefileCorrupt(flavour.name, "the flavour has no statefile")
         lazily = self.restores_lazily(flavour)
-        path = sources[0] if sources and not lazily else manifest.resolve(sf.path)
-        precheck(path, sf, manifest.root)
         if self._accel_for(flavour, manifest) != flavour.machine.accel:
             # a KVM stream does not load under TCG: the guest must cold-boot
             raise HypervisorError(f"restore {flavour.name}",
@@ -403,6 +401,8 @@ class QemuBackend:
                     raise
                 refused = f"the lazy restore failed ({e}); restored from the stream"
                 log.warning("%s: %s", flavour.name, refused, extra={"SESSION": flavour.name})
+        # the copy of the statefile, where one was preloaded; a lazy restore's copies are of its parts
+        path = sources[0] if sources and not lazily else manifest.resolve(sf.path)
         guest = self._load(flavour, manifest, rundir, path, sf, progress)
         guest = self._resume(guest, flavour)
         guest.note = "; ".join(n for n in (refused, guest.note) if n)
