@@ -105,7 +105,7 @@ class SessionView:
     source: str = ""
     heartbeat_seq: int = 0
     heartbeat_at: float = 0.0
-    #: what its restore reads most of is in RAM (the statefile, or a lazy restore's RAM image)
+    #: what its restore reads is in RAM (the statefile, or a lazy restore's RAM image and devices' state)
     preloaded: bool = False
 
     @property
