@@ -17,6 +17,7 @@ Builders are serialised by a lock file, so parallel test runs wait for each othe
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import inspect
@@ -75,9 +76,11 @@ def ensure_demo_medium(cache: Path = CACHE, report: Report = print) -> Path:
     return medium
 
 
+@functools.lru_cache(maxsize=1)
 def lazy_qemu() -> str:
     """A QEMU that restores lazily (8.2 or later): Debian 12's backport, unpacked into a
-    machine-wide cache beside the system's 7.2 (``tools/qemu-backports``)."""
+    machine-wide cache beside the system's 7.2 (``tools/qemu-backports``). Asked once per
+    process: the tool asks the package index each time."""
     out = subprocess.run([str(REPO / "tools" / "qemu-backports")], check=True, stdout=subprocess.PIPE, text=True)
     return str(Path(out.stdout.strip().splitlines()[-1]) / "qemu-system-x86_64")
 

@@ -422,17 +422,17 @@ class Engine:
         rundir.mkdir(parents=True, exist_ok=True)
         (rundir / RAN_MARKER).unlink(missing_ok=True)
         preload = self._preloads.get(s.flavour.name)
-        source = preload.sources() if preload is not None and preload.complete else None
-        if preload is not None and source is None:
+        sources = preload.sources() if preload is not None and preload.complete else None
+        if preload is not None and sources is None:
             preload.cancel()  # half copied: the restore reads the medium itself, from the start
-        if source is None:
+        if sources is None:
             self._medium_readers += 1  # a cold boot reads the medium too (kernel, disk)
             self._medium_free.clear()
         if has_state:
-            self._set(s, S.RESTORING, "reading the statefile" + (" from RAM (preloaded)" if source else ""))
+            self._set(s, S.RESTORING, "reading the statefile" + (" from RAM (preloaded)" if sources else ""))
         else:
             self._set(s, S.BOOTING, "no statefile on the medium; cold booting")
-        t = threading.Thread(target=self._job, args=(s, source), name=f"restore-{s.flavour.name}", daemon=True)
+        t = threading.Thread(target=self._job, args=(s, sources), name=f"restore-{s.flavour.name}", daemon=True)
         self._active[s.flavour.name] = t
         t.start()
 
@@ -449,19 +449,19 @@ class Engine:
                 s.last_emit, s.last_emit_fraction = now, fraction
                 self._emit("progress", s)
 
-    def _job(self, s: _Session, source: tuple[Path, ...] | None = None) -> None:
+    def _job(self, s: _Session, sources: tuple[Path, ...] | None = None) -> None:
         try:
-            self._restore_or_boot(s, source)
+            self._restore_or_boot(s, sources)
         finally:
             with self._lock:
-                if source is None:
+                if sources is None:
                     self._medium_readers -= 1
                     if self._medium_readers == 0:
                         self._medium_free.set()
                 self._forget_preload(s)
                 self._dispatch()
 
-    def _restore_or_boot(self, s: _Session, source: tuple[Path, ...] | None) -> None:
+    def _restore_or_boot(self, s: _Session, sources: tuple[Path, ...] | None) -> None:
         name = s.flavour.name
         rundir = self._rundir(name)
         guest: Guest | None = None
@@ -471,7 +471,7 @@ class Engine:
             if s.flavour.statefile is not None:
                 try:
                     guest = self.backend.restore(s.flavour, self.manifest, rundir,
-                                                 lambda d, t: self._progress(s, d, t), sources=source)
+                                                 lambda d, t: self._progress(s, d, t), sources=sources)
                     note = getattr(guest, "note", "")
                     reason = "restored from its statefile" + (f"; {note}" if note else "")
                 except MediumUnavailable:

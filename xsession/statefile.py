@@ -93,8 +93,7 @@ class Feeder(threading.Thread):
     """
 
     def __init__(self, path: Path, sf: StatePart, out_fd: int, progress: Callable[[int, int], None] | None = None,
-                 *, verify_sha256: bool = True, batch: bool = False, sparse: bool = False,
-                 output_limit: int | None = None):
+                 *, verify_sha256: bool = True, batch: bool = False, file_size: int | None = None):
         super().__init__(name=f"feed-{path.name}", daemon=True)
         self.path = path
         self.sf = sf
@@ -102,11 +101,10 @@ class Feeder(threading.Thread):
         self.verify_sha256 = verify_sha256
         #: the decompressor runs as a batch task (:func:`batch_scheduling`), for a reader that does too
         self.batch = batch
-        #: ``out_fd`` is a file: runs of zeros are skipped, not written (a RAM image stays sparse)
-        self.sparse = sparse
-        #: ``out_fd`` is a file: the decompressor may write no more than this (a stream that
+        #: ``out_fd`` is a file of this size: runs of zeros are skipped, not written (a RAM
+        #: image stays sparse), and the decompressor may write no further (a stream that
         #: decodes to more, a bomb, would fill memory before its sha256 is known to be wrong)
-        self.output_limit = output_limit
+        self.file_size = file_size
         self.out_fd = out_fd  # closed in run(), always
         self.progress = progress
         self._cancel = threading.Event()
@@ -162,13 +160,13 @@ class Feeder(threading.Thread):
         try:
             if self.sf.compression == "zstd":
                 # zstd verifies each frame's content checksum and exits non-zero on damage
-                argv = ["zstd", "-dcq", "--no-progress"] + (["--sparse"] if self.sparse else [])
+                argv = ["zstd", "-dcq", "--no-progress"] + (["--sparse"] if self.file_size is not None else [])
                 self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                               stdout=self.out_fd, stderr=subprocess.PIPE)
                 if self.batch:
                     batch_scheduling(self._proc.pid)
-                if self.output_limit is not None:  # before any input: zstd has written nothing yet
-                    resource.prlimit(self._proc.pid, resource.RLIMIT_FSIZE, (self.output_limit, self.output_limit))
+                if self.file_size is not None:  # before any input: zstd has written nothing yet
+                    resource.prlimit(self._proc.pid, resource.RLIMIT_FSIZE, (self.file_size, self.file_size))
                 os.close(self.out_fd)  # zstd holds its own copy now
                 self.out_fd = -1
                 sink = self._proc.stdin
@@ -227,7 +225,7 @@ class Feeder(threading.Thread):
             if self._proc.returncode == -signal.SIGPIPE:
                 reader_gone = True  # the hypervisor closed the stream; zstd could not write on
             elif self._proc.returncode == -signal.SIGXFSZ:
-                zstd_error = f"it decodes to more than the recorded {self.output_limit} bytes"
+                zstd_error = f"it decodes to more than the recorded {self.file_size} bytes"
             elif self._proc.returncode != 0:
                 zstd_error = _last_words(err, self._proc.returncode)
         if (self._proc is not None and reader_gone and zstd_error is None and medium_error is None

@@ -75,8 +75,8 @@ def decode_ram_image(source: Path, part: StatePart, dest: Path, medium_root: Pat
     """
     precheck(source, part, medium_root)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    feeder = Feeder(source, part, fd, progress, verify_sha256=not zstd_checks_suffice(source, part), sparse=True,
-                    output_limit=part.raw_size)
+    feeder = Feeder(source, part, fd, progress, verify_sha256=not zstd_checks_suffice(source, part),
+                    file_size=part.raw_size)
     feeder.start()  # closes fd
     try:
         result = feeder.result(DECODE_BASE_TIMEOUT_S + part.size / DECODE_BYTES_PER_S)

@@ -278,9 +278,8 @@ class QemuBackend:
         """QEMU itself, TCG's cache, and a lazy restore's decoded RAM image: its pages stay
         while the guest's written pages become copies of their own (never over-committed)."""
         extra = TCG_TB_MIB if flavour.machine.accel == "tcg" else 0
-        sf = flavour.statefile
-        held = sf.lazy.held_mib if sf is not None and sf.lazy is not None and self.restores_lazily(flavour) else 0
-        return QEMU_OVERHEAD_MIB + extra + held
+        lazy = self._lazy_image(flavour)
+        return QEMU_OVERHEAD_MIB + extra + (lazy.held_mib if lazy is not None else 0)
 
     def in_dom0_mib(self, flavour: Flavour) -> int:
         """0: QEMU's sessions run on the host itself, which no balloon shrinks."""
@@ -411,14 +410,20 @@ class QemuBackend:
     def restores_lazily(self, flavour: Flavour) -> bool:
         """Whether a restore of ``flavour`` maps its RAM image: the medium has one, this
         QEMU can map it, and lazy restores are on."""
+        return self._lazy_image(flavour) is not None
+
+    def _lazy_image(self, flavour: Flavour) -> LazyImage | None:
+        """The flavour's RAM image and devices' state where a restore maps them, else None."""
         sf = flavour.statefile
-        return self.lazy and sf is not None and sf.lazy is not None and maps_private_readonly(self.binary)
+        if self.lazy and sf is not None and sf.lazy is not None and maps_private_readonly(self.binary):
+            return sf.lazy
+        return None
 
     def preload_parts(self, flavour: Flavour) -> tuple[StatePart, ...]:
         """The RAM image and the devices' state where the flavour restores lazily, else the statefile."""
-        sf = flavour.statefile
-        assert sf is not None
-        return (sf.lazy.ram, sf.lazy.devices) if sf.lazy is not None and self.restores_lazily(flavour) else (sf,)
+        assert flavour.statefile is not None
+        lazy = self._lazy_image(flavour)
+        return (lazy.ram, lazy.devices) if lazy is not None else (flavour.statefile,)
 
     def _restore_lazily(self, flavour: Flavour, manifest: Manifest, rundir: Path, progress: Progress,
                         copies: Sequence[Path] | None) -> QemuGuest:
@@ -427,9 +432,8 @@ class QemuBackend:
         The image's file is removed once QEMU maps it: its memory lives as long as the
         guest, and nothing is left behind. The run folder belongs in memory (tmpfs).
         """
-        sf = flavour.statefile
-        assert sf is not None and sf.lazy is not None
-        lazy = sf.lazy
+        lazy = self._lazy_image(flavour)
+        assert lazy is not None
         total = lazy.ram.size + lazy.devices.size
         rundir.mkdir(parents=True, exist_ok=True)
         image = rundir / "ram.img"
