@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from xsession.guestchannel import MAX_LINE, ChannelError, Heartbeat, Ready, parse_line
-from xsession.screen import Picture, read_png, read_ppm, same_picture, settled, thumbnail, to_png
+from xsession.screen import Picture, blank, read_png, read_ppm, same_picture, settled, thumbnail, to_png
 
 
 def test_the_two_messages_and_nothing_else():
@@ -76,3 +76,24 @@ def test_ppm_png_and_thumbnails():
     for bad in (b"", b"P5\n1 1\n255\n\x00", b"P6\n2 2\n255\n\x00", b"P6\n1 1\n65535\n\x00\x00\x00"):
         with pytest.raises(ValueError):
             read_ppm(bad)
+
+
+def _screen(width: int, height: int, marks: list[tuple[int, int, int, int]], background=b"\x00\x00\x00") -> Picture:
+    """A screen of one colour with grey rectangles (x, y, w, h) drawn on it."""
+    rows = [bytearray(background * width) for _ in range(height)]
+    for x, y, w, h in marks:
+        for row in rows[y:y + h]:
+            row[3 * x:3 * (x + w)] = b"\xaa\xaa\xaa" * w
+    return Picture(width, height, b"".join(bytes(r) for r in rows))
+
+
+def test_a_screen_with_nothing_but_a_cursor_is_blank():
+    assert blank(_screen(720, 400, []))                                   # a kernel loading, its cursor off
+    assert blank(_screen(720, 400, [(0, 14, 9, 2)]))                      # ... and on
+    assert blank(_screen(1024, 768, [(500, 380, 12, 20)], b"\x10\x20\x30"))  # X's pointer on its backdrop
+    assert blank(_screen(64, 64, [(0, 0, 32, 32)]))                       # the largest pointer
+    assert not blank(_screen(64, 64, [(0, 0, 33, 1)]))
+    assert not blank(_screen(64, 64, [(0, 0, 1, 33)]))
+    assert not blank(_screen(720, 400, [(0, 0, 54, 16)]))                 # "login:"
+    assert not blank(_screen(720, 400, [(0, 0, 2, 2), (700, 380, 2, 2)]))  # two marks far apart
+    assert not blank(_screen(720, 400, [(0, 0, 720, 200)]))               # half of it another colour

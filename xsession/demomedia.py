@@ -131,7 +131,7 @@ def _mastering_key(spec: Path, builds: dict[str, Path], splitter: str) -> str:
                  qemu.qemu_argv, qemu.QemuBackend.boot_for_save, qemu.QemuBackend.save,
                  qemu.QemuBackend.save_lazy_image, lazyram,
                  qemu.QemuBackend.settle, qemu.QemuBackend._wait_settled, qemu.QemuBackend._wait_ready,
-                 qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE,
+                 qemu.QemuBackend.prepare_for_save, qemu.PREPARE_FOR_SAVE, qemu.freshen_script, qemu.clock_offset,
                  repr((qemu.SETTLE_QUIET_S, qemu.SETTLE_QUIET_PLAIN_S, qemu.PAINTED_COLOURS, qemu.SETTLE_SAMPLE_S,
                        qemu.SETTLE_AFTER_READY_S, qemu.SETTLE_QUIET_TEXT_MODE_S, qemu.TEXT_MODE,
                        qemu.SETTLE_QUIET_PLAIN_SCREEN_ONLY_S))):

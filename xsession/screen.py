@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Picture", "read_ppm", "to_png", "read_png", "thumbnail", "digest", "colours", "settled",
-           "same_picture"]
+__all__ = ["Picture", "read_ppm", "to_png", "read_png", "thumbnail", "digest", "colours", "blank",
+           "settled", "same_picture"]
 
 
 @dataclass(frozen=True)
@@ -157,3 +158,30 @@ def settled(samples: Sequence[tuple[float, str]], quiet_s: float, min_changes: i
         return False
     # each picture of the window was on the screen already when the window began
     return len(window) == 1 and before[-1] in window or window <= set(before[-2 * blink_states:])
+
+
+#: the largest mouse pointer or text cursor: a screen with nothing more than this on it is blank
+CURSOR_BOX = 32
+
+
+def blank(picture: Picture, box: int = CURSOR_BOX) -> bool:
+    """Whether the picture shows nothing but a cursor: every pixel that is not its
+    commonest colour (in a sample) fits in a ``box`` by ``box`` square. A booting
+    kernel's silent text mode and an X server before its desktop paints are blank;
+    a login prompt or a desktop is not."""
+    rgb, width = picture.rgb, picture.width
+    stride = width * 3
+    sample = Counter(rgb[i:i + 3] for i in range(0, len(rgb) - 2, 3 * 97))
+    background = sample.most_common(1)[0][0]
+    plain_row = background * width
+    rows = [y for y in range(picture.height) if rgb[y * stride:(y + 1) * stride] != plain_row]
+    if not rows:
+        return True
+    if rows[-1] - rows[0] >= box:
+        return False
+    left, right = width, -1
+    for y in rows:
+        row = rgb[y * stride:(y + 1) * stride]
+        xs = [x for x in range(width) if row[3 * x:3 * x + 3] != background]
+        left, right = min(left, xs[0]), max(right, xs[-1])
+    return right - left < box

@@ -41,8 +41,8 @@ from ..diskchain import check_chain
 from ..netplan import guest_mac
 from ..guestchannel import PORT_NAME as CHANNEL_PORT
 from .qga import PORT_NAME as AGENT_PORT
-from .qga import AgentError
-from ..screen import colours, digest, settled, to_png
+from .qga import AgentError, GuestAgent
+from ..screen import blank, colours, digest, settled, to_png
 from ..statefile import Feeder, precheck, sha256_of, widen_pipe
 from .base import HostMemory, Progress
 from .bootstub import boot_files_for_restore
@@ -174,14 +174,40 @@ RENEW_NETWORK = 'for i in /sys/class/net/e*; do [ -e "$i" ] && networkctl renew 
 WARM_AFTER_DROP_S = 3.0
 
 
-def freshen_script(flavour: Flavour, now: float) -> str:
-    """The one command a restored guest runs through its agent: the host's time, and a
-    network renewal where it has a NIC (each agent command costs a process start, a third
-    of a second under emulation; guest-set-time would start hwclock too)."""
-    script = f"date -u -s @{now:.3f} >/dev/null"
+def freshen_script(flavour: Flavour, clock_offset_s: float) -> str:
+    """The one command a restored guest runs through its agent: its clock moved by
+    ``clock_offset_s`` to the host's, and a network renewal where it has a NIC (each agent
+    command costs a process start, a third of a second under emulation, more under load:
+    a time given absolute would be that late; guest-set-time would start hwclock too)."""
+    script = f"date -u -s '{clock_offset_s:+.6f} seconds' >/dev/null"
     if flavour.machine.nic != "none":
         script += "; " + RENEW_NETWORK
     return script
+
+
+#: the guest's clock is read this many times; the quickest answer tells its offset best
+CLOCK_READS = 3
+
+
+def clock_offset(agent: GuestAgent, reads: int = CLOCK_READS) -> float:
+    """How far the guest's clock is behind the host's, in seconds: the agent reads it in
+    its own process, and the host's time is taken halfway through the quickest round trip
+    (so the error is at most half of it).
+
+    :raises AgentError: the agent's answer is not a time.
+    """
+    best: tuple[float, float] | None = None
+    for _ in range(reads):
+        sent = time.time()
+        guest_ns = agent.execute("guest-get-time")
+        answered = time.time()
+        if not isinstance(guest_ns, int) or isinstance(guest_ns, bool) or not 0 <= guest_ns < 1 << 63:
+            raise AgentError("guest-get-time: not a time")
+        if best is None or answered - sent < best[0]:
+            best = (answered - sent, (sent + answered) / 2 - guest_ns / 1e9)
+    assert best is not None
+    return best[1]
+
 
 @dataclass(frozen=True)
 class SaveResult:
@@ -615,22 +641,25 @@ class QemuBackend:
         before the desktop paints itself, or a text console that stays one; longer when
         nothing else says that the system is up),
         and for :data:`SETTLE_QUIET_TEXT_MODE_S` in the PC's text mode, which a booting
-        kernel shows, silent, for as long as it loads (a running system has left it)."""
+        kernel shows, silent, for as long as it loads (a running system has left it).
+        A blank screen (nothing but a cursor) never counts as settled, however long it
+        stays: on a loaded host a live system's kernel and X server show one for minutes."""
         deadline = time.monotonic() + timeout
         samples: list[tuple[float, str]] = []
-        painted = text_mode = False
+        painted = text_mode = empty = False
         while time.monotonic() < deadline and alive():
             try:
                 picture = guest.screendump()
                 samples.append((time.monotonic(), digest(picture)))
                 painted = colours(picture) >= PAINTED_COLOURS
                 text_mode = (picture.width, picture.height) == TEXT_MODE
+                empty = not painted and blank(picture)
             except HypervisorError:
                 if not guest.is_alive():
                     return False
             quiet = (SETTLE_QUIET_S if painted else SETTLE_QUIET_TEXT_MODE_S if text_mode
                      else plain_quiet_s)
-            if settled(samples, quiet):
+            if not empty and settled(samples, quiet):
                 return True
             samples = samples[-int(2 * max(quiet, plain_quiet_s) / SETTLE_SAMPLE_S):] if len(samples) > 400 else samples
             time.sleep(SETTLE_SAMPLE_S)
@@ -650,7 +679,8 @@ class QemuBackend:
             return ""
         try:
             with guest.agent() as agent:
-                status, _, err = agent.run(["/bin/sh", "-c", freshen_script(flavour, time.time())], timeout=10.0)
+                offset = clock_offset(agent)
+                status, _, err = agent.run(["/bin/sh", "-c", freshen_script(flavour, offset)], timeout=10.0)
             if status != 0:
                 raise AgentError(f"setting the clock said {err[-200:].decode(errors='replace')}")
         except AgentError as e:
@@ -717,7 +747,7 @@ class QemuBackend:
                 if status != 0:
                     log.warning("%s: preparing for the save said %s", guest.name, err[:200])
                 if flavour is not None:
-                    status, _, err = agent.run(["/bin/sh", "-c", freshen_script(flavour, time.time())],
+                    status, _, err = agent.run(["/bin/sh", "-c", freshen_script(flavour, clock_offset(agent))],
                                                timeout=60.0)
                     if status != 0:
                         log.warning("%s: the restore's first command said %s", guest.name, err[:200])

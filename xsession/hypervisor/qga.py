@@ -4,7 +4,9 @@ package): the clock, and commands run in the guest after a restore or before a s
 The protocol is QMP-like JSON over the virtio-serial port ``org.qemu.guest_agent.0``,
 whose host end is a socket of QEMU's. ``guest-sync-delimited`` first: the agent
 may hold a half-read request from before a save, and its reply, preceded by a
-0xFF byte, marks where the fresh conversation starts.
+0xFF byte, marks where the fresh conversation starts. A slow agent may answer a
+synchronisation asked again after the first was answered: such a late answer (it
+starts with that byte too) is passed over, not taken for the next command's.
 
 Replies come from the guest and are untrusted: each is one JSON object of a
 bounded size; anything else ends the conversation with :class:`AgentError`.
@@ -138,8 +140,8 @@ class GuestAgent:
                     self._buf = b""
             if not after_delimiter and b"\n" in self._buf:
                 line, self._buf = self._buf.split(b"\n", 1)
-                if not line.strip():
-                    continue
+                if not line.strip() or line.startswith(b"\xff"):
+                    continue  # a late answer to a synchronisation that was asked again
                 try:
                     reply = json.loads(line)
                 except ValueError:
