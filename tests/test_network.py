@@ -98,7 +98,7 @@ flavours:
   - {name: ubuntu, title: "Ubuntu", priority: 1, memory_mib: 192, initrd: initrd-ubuntu.cpio, nic: internal}
   - {name: server, title: "Ubuntu Server", priority: 2, memory_mib: 192, initrd: initrd-server.cpio, nic: internal}
 kernel: vmlinuz
-cmdline: "console=ttyS0 panic=-1 quiet"
+cmdline: "console=ttyS0 panic=-1 quiet no_timer_check"
 disk_mib: 16
 """
 
