@@ -25,9 +25,10 @@ from xsession.bootopts import (
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 names = st.from_regex(NAME, fullmatch=True)
-keys = st.sampled_from(["flavour", "restore", "reserve", "sessions", "medium", "share", "bogus", "Restore"])
+keys = st.sampled_from(["flavour", "restore", "reserve", "sessions", "medium", "share", "lazy", "bogus", "Restore"])
 values = st.one_of(
-    st.sampled_from(["eager", "lazy", "off", "OFF", "Lazy", "", "512M", "1G", "2048", "0", "-1", "/cdrom", "x,y"]),
+    st.sampled_from(["eager", "lazy", "off", "OFF", "Lazy", "", "512M", "1G", "2048", "0", "-1", "/cdrom", "x,y",
+                     "on", "auto", "On"]),
     names,
     st.text(max_size=12),
 )
@@ -55,10 +56,10 @@ def test_defaults_when_nothing_is_given() -> None:
 def test_every_option_read() -> None:
     opts = parse_cmdline(
         "quiet xenubuntu.flavour=kubuntu xenubuntu.restore=eager xenubuntu.reserve=1G "
-        "xenubuntu.sessions=kubuntu,xubuntu xenubuntu.medium=/run/live/medium"
+        "xenubuntu.sessions=kubuntu,xubuntu xenubuntu.medium=/run/live/medium xenubuntu.share=off xenubuntu.lazy=On"
     )
     assert opts == BootOptions(flavour="kubuntu", restore=RestorePolicy.EAGER, reserve_mib=1024,
-                               sessions=("kubuntu", "xubuntu"), medium="/run/live/medium")
+                               sessions=("kubuntu", "xubuntu"), medium="/run/live/medium", share="off", lazy="on")
 
 
 @pytest.mark.parametrize(("text", "mib"), [
@@ -91,6 +92,8 @@ def test_single_quotes_and_backslashes_are_plain_characters() -> None:
     ("xenubuntu.sessions=Bad!", "sessions"),
     ("xenubuntu.medium=cdrom", "medium"),
     ("xenubuntu.share=yes", "share"),
+    ("xenubuntu.lazy=yes", "lazy"),
+    ("xenubuntu.lazy=", "lazy"),
     ("xenubuntu.restore", "restore"),
     ("xenubuntu.restore=", "restore"),
 ])
@@ -144,6 +147,7 @@ def test_no_command_line_makes_it_raise_and_results_are_valid(cmdline: str) -> N
     assert opts.reserve_mib is None or opts.reserve_mib >= 1
     assert opts.medium is None or opts.medium.startswith("/")
     assert opts.share in ("auto", "off")
+    assert opts.lazy in ("auto", "on", "off")
 
 
 @given(st.lists(st.sampled_from(["eager", "lazy", "off", "EAGER", "Off", "never", ""]), min_size=1, max_size=6),

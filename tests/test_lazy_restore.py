@@ -3,6 +3,7 @@ that can (Debian 12's backport of QEMU 10), and the stream wherever that cannot 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from xsession.hypervisor.lazyram import maps_private_readonly
 from xsession.hypervisor.qemu import QEMU_BINARY, QemuBackend
 from xsession.manifest import MANIFEST_RELPATH, load_manifest
 
+from .buslib import MANAGER_IFACE, MANAGER_PATH
 from .guestlib import ask, counters, damage, wait_for
 from .test_restore import _one_session_at_a_time, _wait_preloaded
 
@@ -190,3 +192,41 @@ def test_a_damaged_statefile_does_not_stop_a_lazy_restore_whose_parts_are_whole(
         _continues(guest)
     finally:
         guest.stop()
+
+
+def _qemu_maps_image(runtime_dir: Path, name: str) -> bool:
+    pid = json.loads((runtime_dir / "sessions" / name / "guest.json").read_text())["pid"]
+    return any(m.endswith("ram.img (deleted)") for m in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def test_the_manager_maps_ram_images_where_nothing_merges_and_says_so(xsessiond, client, runtime_dir, qemu10):
+    """xenubuntu.lazy=auto (the default) with merging off: the manager's QEMU 10 maps the
+    restored session's RAM image, and the plan says why."""
+    xsessiond("xenubuntu.restore=off xenubuntu.share=off", env={"XENUBUNTU_QEMU": qemu10})
+    memory = client.prop(MANAGER_PATH, MANAGER_IFACE, "Memory")
+    assert memory["lazy"].startswith("on: nothing merges"), memory
+    client.activate(FLAVOUR)
+    assert client.wait_state(FLAVOUR, {"running", "failed"}, 180) == "running"
+    assert _qemu_maps_image(runtime_dir, FLAVOUR)
+
+
+@pytest.mark.parametrize("cmdline, reason", [
+    ("xenubuntu.lazy=off", "off: xenubuntu.lazy=off"),
+    # Debian 12's own QEMU cannot map: the stream, whatever the option says
+    ("xenubuntu.lazy=on", "off: this QEMU cannot map"),
+])
+def test_the_manager_streams_when_told_or_when_its_qemu_cannot_map(cmdline, reason, xsessiond, client, runtime_dir,
+                                                                   qemu10):
+    env = {"XENUBUNTU_QEMU": qemu10} if "off" in cmdline else {}
+    xsessiond(f"xenubuntu.restore=off xenubuntu.share=off {cmdline}", env=env)
+    assert client.prop(MANAGER_PATH, MANAGER_IFACE, "Memory")["lazy"].startswith(reason)
+    client.activate(FLAVOUR)
+    assert client.wait_state(FLAVOUR, {"running", "failed"}, 180) == "running"
+    assert not _qemu_maps_image(runtime_dir, FLAVOUR)
+
+
+def test_where_pages_are_merged_the_manager_streams(xsessiond, client, qemu10):
+    """Merged pages are anonymous ones: with KSM on, a streamed guest ends smaller."""
+    xsessiond("xenubuntu.restore=off xenubuntu.share=auto", env={"XENUBUNTU_QEMU": qemu10})
+    memory = client.prop(MANAGER_PATH, MANAGER_IFACE, "Memory")
+    assert memory["sharing"].startswith("on:") and memory["lazy"].startswith("off: identical pages are merged"), memory

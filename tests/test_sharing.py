@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from xsession import restoreway
 from xsession.sharing import KSM_DIR, SCAN, Ksm, SharingStats, decide, process_merged_bytes
 
 from .buslib import MANAGER_IFACE, MANAGER_PATH
@@ -98,3 +99,16 @@ def test_share_off_leaves_the_host_alone(xsessiond, client):
     memory = client.prop(MANAGER_PATH, MANAGER_IFACE, "Memory")
     assert memory["sharing"] == "off: xenubuntu.share=off" and memory["shared_mib"] == 0
     assert _knobs() == before
+
+
+@pytest.mark.parametrize("policy, backend, qemu_maps, sharing, lazy, why", [
+    ("auto", "qemu", True, False, True, "nothing merges"),
+    ("auto", "qemu", True, True, False, "only streamed RAM merges"),
+    ("on", "qemu", True, True, True, "xenubuntu.lazy=on"),
+    ("on", "qemu", False, False, False, "8.2 or later"),
+    ("off", "qemu", True, False, False, "xenubuntu.lazy=off"),
+    ("on", "xen", True, False, False, "only QEMU"),
+])
+def test_the_restore_way_follows_the_option_the_qemu_and_merging(policy, backend, qemu_maps, sharing, lazy, why):
+    way = restoreway.decide(policy, backend, qemu_maps, sharing)
+    assert way.lazy is lazy and why in way.reason

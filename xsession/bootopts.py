@@ -47,6 +47,9 @@ class BootOptions:
     medium: str | None = None
     #: ``auto``: identical pages of the sessions are merged (KSM) where the host can; ``off``: never
     share: str = "auto"
+    #: ``auto``: QEMU sessions map their RAM images where nothing merges pages; ``on``: wherever
+    #: the medium and QEMU can; ``off``: their RAM is always streamed (:mod:`.restoreway`)
+    lazy: str = "auto"
     #: dom0's internal network: internal (default), off, or outside (NAT to the world)
     network: NetworkMode = NetworkMode.INTERNAL
     warnings: tuple[str, ...] = ()
@@ -161,6 +164,11 @@ def parse_cmdline(cmdline: str) -> BootOptions:
                 opts = replace(opts, share=value.lower())
             else:
                 warnings.append(f"boot option {shown}: expected auto or off; using auto")
+        elif key == "lazy":
+            if value.lower() in ("auto", "on", "off"):
+                opts = replace(opts, lazy=value.lower())
+            else:
+                warnings.append(f"boot option {shown}: expected auto, on or off; using auto")
         else:
             warnings.append(f"unknown boot option {shown}; ignored")
     return opts.with_warnings(*warnings)

@@ -28,7 +28,7 @@ from typing import Any
 
 from gi.repository import Gio, GLib
 
-from . import __version__, memory, scheduler, sharing
+from . import __version__, memory, restoreway, scheduler, sharing
 from .bootopts import DEFAULT_MEDIA, BootOptions, parse_cmdline
 from .bus import API_VERSION, BUS_NAME, Authorizer, SessionsService
 from .install.dbus import install_service
@@ -123,6 +123,7 @@ class Daemon:
         self._lock_fd: int | None = None
         self._ksm = Ksm()
         self.sharing = SharingDecision(False, "no sessions")
+        self.restore_way = restoreway.RestoreWay(False, "no sessions")
         self.network: Any = None  # xsession.network.InternalNetwork, when the medium has one
         self.pool_server: Any = None  # xsession.poolserver.PoolServer, when the medium has a pool
 
@@ -286,6 +287,7 @@ class Daemon:
                                   backend=self.backend.name, shared_mib=shared,
                                   in_dom0=self.backend.in_dom0_mib).as_dict()
                 mem["sharing"] = ("on: " if self.sharing.enabled else "off: ") + self.sharing.reason
+                mem["lazy"] = ("on: " if self.restore_way.lazy else "off: ") + self.restore_way.reason
             except (ValueError, XSessionError) as e:
                 mem = {"error": str(e)}
         return {
@@ -392,6 +394,7 @@ class Daemon:
         self._watch_udev()
         self._watch_medium_folder()
         self._start_sharing()
+        self._choose_restore_way()
         if self.engine is not None:
             self.engine.start()
         self._status = self._status_line()
@@ -415,6 +418,19 @@ class Daemon:
             self.sharing = SharingDecision(False, f"cannot turn on same-page merging: {e}")
             self.warnings.append(self.sharing.reason)
             log.warning("%s", self.sharing.reason)
+
+    def _choose_restore_way(self) -> None:
+        """Stream or map the QEMU sessions' RAM, once it is known whether pages merge (before any restore)."""
+        if self.backend is None:
+            return
+        qemu_maps = False
+        if self.backend.name == "qemu":
+            from .hypervisor.lazyram import maps_private_readonly
+            qemu_maps = maps_private_readonly(self.backend.binary)
+        self.restore_way = restoreway.decide(self.options.lazy, self.backend.name, qemu_maps, self.sharing.enabled)
+        if self.backend.name == "qemu":
+            self.backend.lazy = self.restore_way.lazy
+        log.info("restores: %s", self.restore_way.reason)
 
     def _on_signal(self, signum: int) -> bool:
         log.info("%s: %s", signal.Signals(signum).name,
