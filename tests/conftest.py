@@ -22,6 +22,11 @@ from .netlib import Netns
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
+def pytest_configure(config):
+    """Tests keep pictures, logs and records here, whichever of them runs first."""
+    ARTIFACTS.mkdir(exist_ok=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Stash each phase's report so fixtures can keep logs of failed tests only."""
