@@ -110,5 +110,5 @@ def test_share_off_leaves_the_host_alone(xsessiond, client):
     ("on", "xen", True, False, False, "only QEMU"),
 ])
 def test_the_restore_way_follows_the_option_the_qemu_and_merging(policy, backend, qemu_maps, sharing, lazy, why):
-    way = restoreway.decide(policy, backend, qemu_maps, sharing)
+    way = restoreway.decide(policy, backend, lambda: qemu_maps, sharing)
     assert way.lazy is lazy and why in way.reason

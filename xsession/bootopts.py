@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from .netplan import NetworkMode
+from .restoreway import LazyPolicy
 
 __all__ = ["RestorePolicy", "NetworkMode", "BootOptions", "parse_cmdline", "parse_size_mib", "check_flavours",
            "split_cmdline", "PREFIX"]
@@ -49,7 +50,7 @@ class BootOptions:
     share: str = "auto"
     #: ``auto``: QEMU sessions map their RAM images where nothing merges pages; ``on``: wherever
     #: the medium and QEMU can; ``off``: their RAM is always streamed (:mod:`.restoreway`)
-    lazy: str = "auto"
+    lazy: str = LazyPolicy.AUTO
     #: dom0's internal network: internal (default), off, or outside (NAT to the world)
     network: NetworkMode = NetworkMode.INTERNAL
     warnings: tuple[str, ...] = ()
@@ -165,7 +166,7 @@ def parse_cmdline(cmdline: str) -> BootOptions:
             else:
                 warnings.append(f"boot option {shown}: expected auto or off; using auto")
         elif key == "lazy":
-            if value.lower() in ("auto", "on", "off"):
+            if value.lower() in LazyPolicy.ALL:
                 opts = replace(opts, lazy=value.lower())
             else:
                 warnings.append(f"boot option {shown}: expected auto, on or off; using auto")

@@ -423,11 +423,9 @@ class Daemon:
         """Stream or map the QEMU sessions' RAM, once it is known whether pages merge (before any restore)."""
         if self.backend is None:
             return
-        qemu_maps = False
-        if self.backend.name == "qemu":
-            from .hypervisor.lazyram import maps_private_readonly
-            qemu_maps = maps_private_readonly(self.backend.binary)
-        self.restore_way = restoreway.decide(self.options.lazy, self.backend.name, qemu_maps, self.sharing.enabled)
+        from .hypervisor.lazyram import maps_private_readonly
+        self.restore_way = restoreway.decide(self.options.lazy, self.backend.name,
+                                             lambda: maps_private_readonly(self.backend.binary), self.sharing.enabled)
         if self.backend.name == "qemu":
             self.backend.lazy = self.restore_way.lazy
         log.info("restores: %s", self.restore_way.reason)

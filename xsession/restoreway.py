@@ -13,6 +13,7 @@ So ``auto`` maps only where nothing merges (docs/sharing.md has the figures).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["LazyPolicy", "RestoreWay", "decide"]
@@ -33,25 +34,26 @@ class RestoreWay:
     reason: str
 
 
-def decide(policy: str, backend: str, qemu_maps: bool, sharing: bool) -> RestoreWay:
+def decide(policy: str, backend: str, qemu_maps: Callable[[], bool], sharing: bool) -> RestoreWay:
     """Whether QEMU sessions restore lazily (where their medium has the parts), and why.
 
-    ``qemu_maps``: this QEMU runs a guest on a read-only file mapped copy-on-write;
+    ``qemu_maps``: whether this QEMU runs a guest on a read-only file mapped copy-on-write,
+    asked only when the answer matters (it starts QEMU once);
     ``sharing``: the host merges the sessions' identical pages.
 
-    >>> decide("auto", "qemu", True, sharing=False).lazy
+    >>> decide("auto", "qemu", lambda: True, sharing=False).lazy
     True
-    >>> decide("auto", "qemu", True, sharing=True).reason
+    >>> decide("auto", "qemu", lambda: True, sharing=True).reason
     'identical pages are merged, and only streamed RAM merges: streamed'
     """
     if backend != "qemu":
         return RestoreWay(False, "only QEMU maps a RAM image: streamed")
     if policy == LazyPolicy.OFF:
         return RestoreWay(False, "xenubuntu.lazy=off: streamed")
-    if not qemu_maps:
+    if policy != LazyPolicy.ON and sharing:
+        return RestoreWay(False, "identical pages are merged, and only streamed RAM merges: streamed")
+    if not qemu_maps():
         return RestoreWay(False, "this QEMU cannot map a RAM image copy-on-write (8.2 or later can): streamed")
     if policy == LazyPolicy.ON:
         return RestoreWay(True, "xenubuntu.lazy=on: RAM images mapped where the medium has them")
-    if sharing:
-        return RestoreWay(False, "identical pages are merged, and only streamed RAM merges: streamed")
     return RestoreWay(True, "nothing merges pages: RAM images mapped where the medium has them, held once")
