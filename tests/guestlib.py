@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -10,6 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 COUNTER_RE = re.compile(rb"COUNTER (\d+)")
+
+
+def session_qemu_pid(runtime_dir: Path, name: str) -> int:
+    """The pid of the QEMU that the manager runs for session ``name`` (its run record)."""
+    return int(json.loads((runtime_dir / "sessions" / name / "guest.json").read_text())["pid"])
 
 
 def qemu_pids_under(folder: Path) -> list[int]:

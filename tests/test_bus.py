@@ -19,7 +19,7 @@ from xsession.install.dbus import JOB_IFACE
 
 from .buslib import (BUS_NAME, ERROR, HELPER_USER, MANAGER_IFACE, MANAGER_PATH, NOBODY, SESSION_IFACE, Signals,
                      busctl, ctl, gdbus, interface_members)
-from .guestlib import ask, qemu_pids_under
+from .guestlib import ask, qemu_pids_under, session_qemu_pid
 
 KUBUNTU = f"{MANAGER_PATH}/session/kubuntu"
 UBUNTU = f"{MANAGER_PATH}/session/ubuntu"
@@ -277,10 +277,6 @@ def test_a_broken_manifest_still_gives_a_daemon_that_says_why(xsessiond, client,
         == ERROR + "MediumUnavailable"
 
 
-def _guest_pid(runtime_dir: Path, name: str) -> int:
-    return int(json.loads((runtime_dir / "sessions" / name / "guest.json").read_text())["pid"])
-
-
 def test_guests_survive_the_daemon_and_are_adopted(xsessiond, client, runtime_dir):
     """SIGKILL while sessions run and one restores; a guest killed meanwhile is reported."""
     first = xsessiond(stop_guests=False)
@@ -301,12 +297,12 @@ def test_guests_survive_the_daemon_and_are_adopted(xsessiond, client, runtime_di
     cut_short = not (runtime_dir / "sessions/xubuntu/ran").exists()
     first.kill()
     # and while the manager is away, one guest dies
-    server_pid = _guest_pid(runtime_dir, "server")
+    server_pid = session_qemu_pid(runtime_dir, "server")
     os.kill(server_pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while Path(f"/proc/{server_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    pids = {n: _guest_pid(runtime_dir, n) for n in ("kubuntu", "ubuntu")}
+    pids = {n: session_qemu_pid(runtime_dir, n) for n in ("kubuntu", "ubuntu")}
 
     second = xsessiond(stop_guests=False)
     for name in ("kubuntu", "ubuntu"):
@@ -314,7 +310,7 @@ def test_guests_survive_the_daemon_and_are_adopted(xsessiond, client, runtime_di
         assert view["State"] == "running" and view["StateReason"] == "adopted from the previous manager"
         answer = ask(view["Console"]["serial"], "PING after")
         assert f"flavour={name}" in answer and int(answer.rsplit("=", 1)[1]) >= counters[name]
-        assert _guest_pid(runtime_dir, name) == pids[name]
+        assert session_qemu_pid(runtime_dir, name) == pids[name]
     server = client.session("server")
     assert server["State"] == "failed"
     assert server["StateReason"] == "its hypervisor process ended while the manager was away"

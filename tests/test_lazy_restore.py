@@ -3,7 +3,6 @@ that can (Debian 12's backport of QEMU 10), and the stream wherever that cannot 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from xsession.hypervisor.qemu import QEMU_BINARY, QemuBackend
 from xsession.manifest import MANIFEST_RELPATH, load_manifest
 
 from .buslib import MANAGER_IFACE, MANAGER_PATH
-from .guestlib import ask, counters, damage, wait_for
+from .guestlib import ask, counters, damage, session_qemu_pid, wait_for
 from .test_restore import _one_session_at_a_time, _wait_preloaded
 
 FLAVOUR = "kubuntu"
@@ -195,8 +194,8 @@ def test_a_damaged_statefile_does_not_stop_a_lazy_restore_whose_parts_are_whole(
 
 
 def _qemu_maps_image(runtime_dir: Path, name: str) -> bool:
-    pid = json.loads((runtime_dir / "sessions" / name / "guest.json").read_text())["pid"]
-    return any(m.endswith("ram.img (deleted)") for m in Path(f"/proc/{pid}/maps").read_text().splitlines())
+    maps = Path(f"/proc/{session_qemu_pid(runtime_dir, name)}/maps").read_text().splitlines()
+    return any(m.endswith("ram.img (deleted)") for m in maps)
 
 
 def test_the_manager_maps_ram_images_where_nothing_merges_and_says_so(xsessiond, client, runtime_dir, qemu10):

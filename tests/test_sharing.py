@@ -6,7 +6,6 @@ the demo medium's, restored by xsessiond on a private bus.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from xsession import restoreway
 from xsession.sharing import KSM_DIR, SCAN, Ksm, SharingStats, decide, process_merged_bytes
 
 from .buslib import MANAGER_IFACE, MANAGER_PATH
+from .guestlib import session_qemu_pid
 
 
 
@@ -62,10 +62,6 @@ def test_a_missing_ksm_is_reported_not_raised(tmp_path: Path):
     assert process_merged_bytes(2**22 + 12345) == 0  # no such process
 
 
-def _guest_pid(runtime_dir: Path, name: str) -> int:
-    return int(json.loads((runtime_dir / "sessions" / name / "guest.json").read_text())["pid"])
-
-
 def test_restored_guests_share_pages_and_the_plan_shows_it(xsessiond, client, runtime_dir):
     """Two flavours with the same kernel, restored side by side: the host merges their
     identical pages, the plan shows it, and stopping the manager puts KSM back."""
@@ -76,7 +72,7 @@ def test_restored_guests_share_pages_and_the_plan_shows_it(xsessiond, client, ru
     for name in ("kubuntu", "ubuntu"):
         assert client.wait_state(name, {"running", "failed"}, 180) == "running"
     assert _knobs()["run"] == "1"
-    pids = [_guest_pid(runtime_dir, n) for n in ("kubuntu", "ubuntu")]
+    pids = [session_qemu_pid(runtime_dir, n) for n in ("kubuntu", "ubuntu")]
     memory: dict = {}
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
