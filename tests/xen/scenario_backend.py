@@ -329,8 +329,14 @@ def _network():
     try:
         guest = net_backend.restore(flavour, m, WORK / "run" / "gamma", lambda d, t: None)
         on = Path(f"/sys/class/net/vif{guest.domid}.0/master").resolve().name
-        ping = subprocess.run(["ping", "-c", "3", "-W", "3", plan.lease("gamma").address], capture_output=True,
-                              text=True, timeout=60)
+        # the restored guest's netfront reconnects to netback on its own after the domain
+        # runs: under emulation on a loaded host that can take longer than a few pings
+        deadline = time.monotonic() + 60
+        while True:
+            ping = subprocess.run(["ping", "-c", "1", "-W", "2", plan.lease("gamma").address], capture_output=True,
+                                  text=True, timeout=30)
+            if ping.returncode == 0 or time.monotonic() > deadline:
+                break
         ran = wait_counters(guest, 2)
         guest.stop()
         net_backend.network = None
